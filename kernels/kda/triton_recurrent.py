@@ -1,0 +1,99 @@
+"""Triton KDA recurrence: token-by-token decode (and short prefills), on a state pool or not.
+
+One program owns one (sequence, head, V-block) tile of the state in registers for the whole
+sequence: the state is read once and written once, which is the bandwidth floor for decode.
+With a pool, the program reads and writes the pool row its slot index names, in place; a negative
+index (a padded batch entry) returns before touching memory, and its output rows stay zero.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .args import check_kda_args
+
+
+@triton.jit
+def _recurrent_kda_kernel(
+    q, k, v, g, beta, o, h0, ht, cu_seqlens, slot_indices,
+    scale, T, stride_pool_slot,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_POOL: tl.constexpr,
+    L2NORM: tl.constexpr,
+):
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mask_k = o_k < K
+    mask_v = o_v < V
+    mask_h = mask_k[:, None] & mask_v[None, :]
+    state_off = i_h * K * V + o_k[:, None] * V + o_v[None, :]
+
+    if USE_POOL:
+        slot = tl.load(slot_indices + i_n).to(tl.int64)
+        if slot < 0:
+            return
+        p_state = h0 + slot * stride_pool_slot + state_off
+        b_h = tl.load(p_state, mask=mask_h, other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_H0:
+            b_h += tl.load(h0 + i_n.to(tl.int64) * H * K * V + state_off, mask=mask_h, other=0.0).to(tl.float32)
+
+    for t in range(bos, eos):
+        b_q = tl.load(q + (t * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (t * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
+        b_g = tl.load(g + (t * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + (t * H + i_h) * V + o_v, mask=mask_v, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + t * H + i_h).to(tl.float32)
+        if L2NORM:
+            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+        b_h *= tl.exp(b_g)[:, None]
+        b_vn = (b_v - tl.sum(b_h * b_k[:, None], 0)) * b_beta
+        b_h += b_k[:, None] * b_vn[None, :]
+        b_o = tl.sum(b_h * (b_q * scale)[:, None], 0)
+        tl.store(o + (t * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
+
+    if USE_POOL:
+        tl.store(p_state, b_h.to(h0.dtype.element_ty), mask=mask_h)
+    elif STORE_HT:
+        tl.store(ht + i_n.to(tl.int64) * H * K * V + state_off, b_h.to(ht.dtype.element_ty), mask=mask_h)
+
+
+def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                               use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None):
+    B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices)
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    use_pool = ssm_state_indices is not None
+    if use_pool and initial_state[0].stride() != (K * V, V, 1):
+        raise ValueError("each row of the state pool must be a contiguous [H, K, V] block")
+    if not use_pool and initial_state is not None:
+        initial_state = initial_state.contiguous()
+    o = torch.zeros_like(v) if use_pool else torch.empty_like(v)
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if (output_final_state and not use_pool) else None
+    BK = triton.next_power_of_2(K)
+    BV = min(triton.next_power_of_2(V), 32 if BK > 64 else 64)
+    grid = (N * H, triton.cdiv(V, BV))
+    _recurrent_kda_kernel[grid](
+        q, k, v, g, beta, o, initial_state, ht, cu_seqlens, ssm_state_indices,
+        scale, T, initial_state.stride(0) if use_pool else 0,
+        H=H, K=K, V=V, BK=BK, BV=BV,
+        HAS_H0=initial_state is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None,
+        USE_POOL=use_pool, L2NORM=use_qk_l2norm_in_kernel,
+        num_warps=4 if BK * BV >= 4096 else 2,
+    )
+    if use_pool:
+        return o, initial_state
+    return o, ht
