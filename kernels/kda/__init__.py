@@ -1,0 +1,66 @@
+"""KDA operators: one entry point per operator, backend chosen by device.
+
+Backends: "torch" (PyTorch chunked algorithm; any device, the CPU path), "triton" (our kernels;
+CUDA, or CPU under TRITON_INTERPRET=1 for tests), "fla" (fla-core's Triton kernels, CUDA, if
+installed). `backend=None` reads $KDA_BACKEND, else picks "triton" on CUDA and "torch" elsewhere.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .args import check_kda_args
+from .cpu import chunk_kda_torch, fused_recurrent_kda_torch
+from .gate import kda_gate
+
+BACKENDS = ("torch", "triton", "fla")
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    backend = backend or os.environ.get("KDA_BACKEND") or None
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown KDA backend {backend!r}: choose one of {BACKENDS}")
+    if backend == "fla" and device.type != "cuda":
+        raise ValueError("backend='fla' runs on CUDA only; use 'torch' on CPU")
+    return backend
+
+
+def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+              use_qk_l2norm_in_kernel=False, cu_seqlens=None, backend=None):
+    """Chunked KDA prefill. q, k, g: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g is the
+    per-channel log-decay (<= 0). States are [N, H, K, V] float32; with `cu_seqlens` [N + 1],
+    B == 1 and N sequences are packed along T. Returns (o [B, T, H, V], final_state or None)."""
+    args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
+    be = resolve_backend(q.device, backend)
+    if be == "triton":
+        from .triton_chunk import chunk_kda_triton
+        return chunk_kda_triton(*args)
+    if be == "fla":
+        from .fla_backend import chunk_kda_fla
+        return chunk_kda_fla(*args)
+    return chunk_kda_torch(*args)
+
+
+def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                        use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None,
+                        backend=None):
+    """Token-by-token KDA, same arguments as `chunk_kda`. With `ssm_state_indices` [N],
+    `initial_state` is a state pool [num_slots, H, K, V]: row ssm_state_indices[n] is sequence n's
+    state, read and updated in place; a negative index marks a padded entry, which is skipped
+    (its output is 0 and no row is touched). Returns (o, pool) in that case."""
+    args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+            cu_seqlens, ssm_state_indices)
+    be = resolve_backend(q.device, backend)
+    if be == "triton":
+        from .triton_recurrent import fused_recurrent_kda_triton
+        return fused_recurrent_kda_triton(*args)
+    if be == "fla":
+        from .fla_backend import fused_recurrent_kda_fla
+        return fused_recurrent_kda_fla(*args)
+    return fused_recurrent_kda_torch(*args)
+
+
+__all__ = ["chunk_kda", "fused_recurrent_kda", "kda_gate", "resolve_backend", "check_kda_args", "BACKENDS"]

@@ -42,7 +42,9 @@ def check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indice
         if initial_state.dim() != 4 or tuple(initial_state.shape[1:]) != (H, K, V):
             raise ValueError(f"the state pool must be [num_slots, {H}, {K}, {V}], "
                              f"got {tuple(initial_state.shape)}")
-        if ssm_state_indices.numel() and int(ssm_state_indices.max()) >= initial_state.shape[0]:
+        # bound check on host tensors only: on a GPU it would cost a sync on every decode step
+        if (ssm_state_indices.device.type == "cpu" and ssm_state_indices.numel()
+                and int(ssm_state_indices.max()) >= initial_state.shape[0]):
             raise ValueError(f"ssm_state_indices has slot {int(ssm_state_indices.max())} but the pool "
                              f"has {initial_state.shape[0]} slots")
     elif initial_state is not None and tuple(initial_state.shape) != (N, H, K, V):

@@ -104,6 +104,7 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     if chunk_size not in (16, 64, 256):
         raise ValueError(f"chunk_size must be 16, 64 or 256, got {chunk_size}")
     dt = _compute_dtype(q)
+    out_dtype = v.dtype
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, beta = (x.reshape(B * T, *x.shape[2:]).to(dt) for x in (q, k, v, g, beta))
     if use_qk_l2norm_in_kernel:
@@ -126,7 +127,7 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     o_chunks = _chunk_scan(layout.seq_chunks, S, *terms)
 
     o = layout.scatter(o_chunks.transpose(1, 2), total).reshape(B, T, H, V)
-    return o.to(v.dtype), (S if output_final_state else None)
+    return o.to(out_dtype), (S if output_final_state else None)
 
 
 def _chunk_scan(seq_chunks, S, Aqk, wq, u, kend_t, g_last_exp):
@@ -163,13 +164,14 @@ def fused_recurrent_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, 
     named rows are read and updated in place (negative index: padded entry, skipped, output 0)."""
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices)
     dt = _compute_dtype(q)
+    out_dtype = v.dtype
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, beta = (x.reshape(B * T, *x.shape[2:]).to(dt) for x in (q, k, v, g, beta))
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     q = q * scale
     bounds = seq_bounds(B, T, cu_seqlens)
-    o = v.new_zeros(B * T, H, V)
+    o = v.new_zeros(B * T, H, V)   # compute dtype; cast on return
 
     if ssm_state_indices is not None:
         live = [i for i, s in enumerate(ssm_state_indices.tolist()) if s >= 0]
@@ -191,7 +193,7 @@ def fused_recurrent_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, 
         o[rows] = (q[rows].unsqueeze(-1) * s).sum(-2)
         S[sel] = s
 
-    o = o.reshape(B, T, H, V)
+    o = o.reshape(B, T, H, V).to(out_dtype)
     if ssm_state_indices is not None:
         if live:
             initial_state[slots] = S.to(initial_state.dtype)

@@ -4,16 +4,19 @@ The algebra is the one in `kernels/kda/cpu.py` (UT transform, then a state pass)
   1. `_cumsum_kernel`  per chunk: gc = cumulative log-decay inside the chunk (fp32).
   2. `_intra_kernel`   per chunk: Aqk (s <= t) and beta*Akk (s < t) from 16x16 blocks. Off-diagonal
                        blocks are one dot each, both factors taken relative to the block row's first
-                       token; diagonal blocks go column by column, exactly. Exponents are clamped at 0,
+                       token; diagonal blocks are exact pairwise, a [16, 16, 32] broadcast per K-slice. Exponents are clamped at 0,
                        a no-op for valid entries (all <= 0) that keeps padded rows finite.
-  3. `_solve_kernel`   per chunk: X = (I + beta*Akk)^-1 by forward substitution, w = X (beta e^gc k),
-                       u = X (beta v).
+  3. `_solve_kernel`   per chunk: X = (I + beta*Akk)^-1 (16x16 diagonal blocks by forward
+                       substitution, merged by dots), w = X (beta e^gc k), u = X (beta v), and
+                       kend = k e^(gc_C - gc), e^gc_C for the state pass.
   4. `_state_kernel`   per sequence and V-block, sequential over its chunks: stores the state
-                       entering each chunk, v_new = u - w S, and S = e^gc_C S + kendᵀ v_new.
+                       entering each chunk, v_new = u - w S (over u), and S = e^gc_C S + kendᵀ v_new.
   5. `_output_kernel`  per chunk and V-block: o = (q e^gc) S + Aqk v_new.
-Intermediates are fp32. Dots on fp32 inputs use exact fp32 ('ieee'); on bf16/fp16 inputs, tf32.
+Intermediates are fp32 (the per-chunk states h: the input dtype for bf16/fp16 inputs). Dots on fp32 inputs use exact fp32 ('ieee'); on bf16/fp16 inputs, tf32.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -23,6 +26,16 @@ from .args import check_kda_args, l2norm, seq_bounds
 
 BT = 64   # chunk
 BC = 16   # sub-block
+
+
+@triton.jit
+def _dot(a, b, LOWP: tl.constexpr):
+    """bf16 operands with fp32 accumulation for bf16/fp16 inputs (as fla does); exact fp32 else."""
+    if LOWP:
+        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        r = tl.dot(a, b, input_precision="ieee")
+    return r
 
 
 @triton.jit
@@ -42,7 +55,7 @@ def _cumsum_kernel(g, gc, chunk_start, chunk_end, H: tl.constexpr, K: tl.constex
 @triton.jit
 def _intra_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
                   H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                  PREC: tl.constexpr):
+                  KC: tl.constexpr, PREC: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     start = tl.load(chunk_start + i_c).to(tl.int64)
     end = tl.load(chunk_end + i_c).to(tl.int64)
@@ -73,20 +86,23 @@ def _intra_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
             a_off = a_base + (i * BC + o_c)[:, None] * BT + (j * BC + o_c)[None, :]
             tl.store(Aqk + a_off, tl.dot(b_lq, b_rk, input_precision=PREC))
             tl.store(Akk + a_off, tl.dot(b_lk, b_rk, input_precision=PREC) * b_beta[:, None])
-        # diagonal block, one column at a time
+        # diagonal block: all (t, s) pairs at once, as a [BC, BC, KC] broadcast per K-slice
         b_aq = tl.zeros([BC, BC], dtype=tl.float32)
         b_ak = tl.zeros([BC, BC], dtype=tl.float32)
-        for c in range(BC):
-            row_c = start + i * BC + c
-            mc = mk & ((row_c + 0 * o_k) < end)
-            b_kc = tl.load(k + (row_c * H + i_h) * K + o_k, mask=mc, other=0.0).to(tl.float32)
-            b_gc = tl.load(gc + (row_c * H + i_h) * K + o_k, mask=mc, other=0.0)
-            b_e = tl.exp(tl.minimum(b_gi - b_gc[None, :], 0.0)) * b_kc[None, :]
-            vq = tl.sum(b_qi * b_e, 1)
-            vk = tl.sum(b_ki * b_e, 1)
-            sel = o_c[None, :] == c
-            b_aq = tl.where(sel & (o_c[:, None] >= c), vq[:, None], b_aq)
-            b_ak = tl.where(sel & (o_c[:, None] > c), vk[:, None], b_ak)
+        causal = (o_c[:, None] >= o_c[None, :])[:, :, None]
+        for kk in tl.static_range(0, BK, KC):
+            o_kc = kk + tl.arange(0, KC)
+            mkc = (rows_i < end)[:, None] & (o_kc < K)[None, :]
+            off_c = (rows_i[:, None] * H + i_h) * K + o_kc[None, :]
+            c_q = tl.load(q + off_c, mask=mkc, other=0.0).to(tl.float32) * scale
+            c_k = tl.load(k + off_c, mask=mkc, other=0.0).to(tl.float32)
+            c_g = tl.load(gc + off_c, mask=mkc, other=0.0)
+            # exponent g_t - g_s <= 0 where t >= s; the rest is masked to exp(0) * 0
+            e = tl.exp(tl.minimum(c_g[:, None, :] - c_g[None, :, :], 0.0))
+            e = tl.where(causal, e, 0.0) * c_k[None, :, :]
+            b_aq += tl.sum(c_q[:, None, :] * e, 2)
+            b_ak += tl.sum(c_k[:, None, :] * e, 2)
+        b_ak = tl.where(o_c[:, None] > o_c[None, :], b_ak, 0.0)
         a_off = a_base + (i * BC + o_c)[:, None] * BT + (i * BC + o_c)[None, :]
         tl.store(Aqk + a_off, b_aq)
         tl.store(Akk + a_off, b_ak * b_beta[:, None])
@@ -98,46 +114,128 @@ def _intra_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
 
 
 @triton.jit
-def _solve_kernel(k, v, gc, beta, Akk, w, u, chunk_start, chunk_end,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    start = tl.load(chunk_start + i_c).to(tl.int64)
-    end = tl.load(chunk_end + i_c).to(tl.int64)
-    o_t = tl.arange(0, BT)
-    a_base = (i_c * H + i_h).to(tl.int64) * BT * BT
-    # forward substitution: row t of X = e_t - sum_{s<t} A[t, s] X[s]
-    b_x = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
-    for t in range(1, BT):
-        b_a = tl.load(Akk + a_base + t * BT + o_t, mask=o_t < t, other=0.0)
+def _inv_diag(Akk, a_base, i: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """(I + A_ii)^-1 of one 16x16 diagonal block, by forward substitution on its rows."""
+    o_c = tl.arange(0, BC)
+    b_x = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
+    for t in range(1, BC):
+        b_a = tl.load(Akk + a_base + (i * BC + t) * BT + i * BC + o_c, mask=o_c < t, other=0.0)
         b_row = -tl.sum(b_a[:, None] * b_x, 0)
-        b_row = tl.where(o_t == t, 1.0, b_row)
-        b_x = tl.where(o_t[:, None] == t, b_row[None, :], b_x)
-    rows = start + o_t
-    mr = rows < end
-    b_beta = tl.load(beta + rows * H + i_h, mask=mr, other=0.0).to(tl.float32)
-    o_k = tl.arange(0, BK)
-    mk = mr[:, None] & (o_k < K)[None, :]
-    off_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
-    b_k = tl.load(k + off_k, mask=mk, other=0.0).to(tl.float32)
-    b_g = tl.load(gc + off_k, mask=mk, other=0.0)
-    b_kb = b_k * tl.exp(tl.minimum(b_g, 0.0)) * b_beta[:, None]
-    tl.store(w + off_k, tl.dot(b_x, b_kb, input_precision=PREC), mask=mk)
-    o_v = tl.arange(0, BV)
-    mv = mr[:, None] & (o_v < V)[None, :]
-    off_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
-    b_v = tl.load(v + off_v, mask=mv, other=0.0).to(tl.float32) * b_beta[:, None]
-    tl.store(u + off_v, tl.dot(b_x, b_v, input_precision=PREC), mask=mv)
+        b_row = tl.where(o_c == t, 1.0, b_row)
+        b_x = tl.where(o_c[:, None] == t, b_row[None, :], b_x)
+    return b_x
 
 
 @triton.jit
-def _state_kernel(k, gc, w, u, v_new, h, h0, ht, seq_chunk_first, chunk_start, chunk_end,
+def _ablock(Akk, a_base, i: tl.constexpr, j: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    o_c = tl.arange(0, BC)
+    return tl.load(Akk + a_base + (i * BC + o_c)[:, None] * BT + (j * BC + o_c)[None, :])
+
+
+@triton.jit
+def _solve_kernel(k, v, gc, beta, Akk, w, u, kend, gexp, chunk_start, chunk_end,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr):
+    """X = (I + beta*Akk)^-1 blockwise (4x4 blocks of 16), then w = X (beta e^gc k), u = X (beta v),
+    and for the state pass kend = k e^(gc_C - gc) and e^(gc_C)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    start = tl.load(chunk_start + i_c).to(tl.int64)
+    end = tl.load(chunk_end + i_c).to(tl.int64)
+    a_base = (i_c * H + i_h).to(tl.int64) * BT * BT
+    X00 = _inv_diag(Akk, a_base, 0, BT, BC)
+    X11 = _inv_diag(Akk, a_base, 1, BT, BC)
+    X22 = _inv_diag(Akk, a_base, 2, BT, BC)
+    X33 = _inv_diag(Akk, a_base, 3, BT, BC)
+    A10 = _ablock(Akk, a_base, 1, 0, BT, BC)
+    A20 = _ablock(Akk, a_base, 2, 0, BT, BC)
+    A21 = _ablock(Akk, a_base, 2, 1, BT, BC)
+    A30 = _ablock(Akk, a_base, 3, 0, BT, BC)
+    A31 = _ablock(Akk, a_base, 3, 1, BT, BC)
+    A32 = _ablock(Akk, a_base, 3, 2, BT, BC)
+    # X_ij = -X_ii sum_{j <= m < i} A_im X_mj, in exact fp32: errors here feed every output
+    X10 = -tl.dot(X11, tl.dot(A10, X00, input_precision="ieee"), input_precision="ieee")
+    X21 = -tl.dot(X22, tl.dot(A21, X11, input_precision="ieee"), input_precision="ieee")
+    X20 = -tl.dot(X22, tl.dot(A20, X00, input_precision="ieee") + tl.dot(A21, X10, input_precision="ieee"),
+                  input_precision="ieee")
+    X32 = -tl.dot(X33, tl.dot(A32, X22, input_precision="ieee"), input_precision="ieee")
+    X31 = -tl.dot(X33, tl.dot(A31, X11, input_precision="ieee") + tl.dot(A32, X21, input_precision="ieee"),
+                  input_precision="ieee")
+    X30 = -tl.dot(X33, tl.dot(A30, X00, input_precision="ieee") + tl.dot(A31, X10, input_precision="ieee")
+                  + tl.dot(A32, X20, input_precision="ieee"), input_precision="ieee")
+
+    o_c = tl.arange(0, BC)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    mk = o_k < K
+    mv = o_v < V
+    last = tl.minimum(start + BT, end) - 1
+    b_glast = tl.load(gc + (last * H + i_h) * K + o_k, mask=mk, other=0.0)
+    tl.store(gexp + (i_c * H + i_h).to(tl.int64) * K + o_k, tl.exp(b_glast), mask=mk)
+    # right-hand sides, block by block: kb_j = beta e^gc k, vb_j = beta v (rows of block j)
+    rows0 = start + o_c
+    rows1 = rows0 + BC
+    rows2 = rows1 + BC
+    rows3 = rows2 + BC
+    kb0, vb0 = _rhs(k, v, gc, beta, kend, b_glast, rows0, end, H, i_h, K, V, BK, BV)
+    kb1, vb1 = _rhs(k, v, gc, beta, kend, b_glast, rows1, end, H, i_h, K, V, BK, BV)
+    kb2, vb2 = _rhs(k, v, gc, beta, kend, b_glast, rows2, end, H, i_h, K, V, BK, BV)
+    kb3, vb3 = _rhs(k, v, gc, beta, kend, b_glast, rows3, end, H, i_h, K, V, BK, BV)
+    _store_rows(w, u, _dot(X00, kb0, LOWP), _dot(X00, vb0, LOWP), rows0, end, H, i_h, K, V, BK, BV)
+    _store_rows(w, u, _dot(X10, kb0, LOWP) + _dot(X11, kb1, LOWP),
+                _dot(X10, vb0, LOWP) + _dot(X11, vb1, LOWP), rows1, end, H, i_h, K, V, BK, BV)
+    _store_rows(w, u, _dot(X20, kb0, LOWP) + _dot(X21, kb1, LOWP) + _dot(X22, kb2, LOWP),
+                _dot(X20, vb0, LOWP) + _dot(X21, vb1, LOWP) + _dot(X22, vb2, LOWP),
+                rows2, end, H, i_h, K, V, BK, BV)
+    _store_rows(w, u, _dot(X30, kb0, LOWP) + _dot(X31, kb1, LOWP) + _dot(X32, kb2, LOWP) + _dot(X33, kb3, LOWP),
+                _dot(X30, vb0, LOWP) + _dot(X31, vb1, LOWP) + _dot(X32, vb2, LOWP) + _dot(X33, vb3, LOWP),
+                rows3, end, H, i_h, K, V, BK, BV)
+
+
+@triton.jit
+def _rhs(k, v, gc, beta, kend, b_glast, rows, end, H: tl.constexpr, i_h, K: tl.constexpr, V: tl.constexpr,
+         BK: tl.constexpr, BV: tl.constexpr):
+    """Load one 16-row block; store its kend rows; return beta e^gc k and beta v (fp32)."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    mr = rows < end
+    mrk = mr[:, None] & (o_k < K)[None, :]
+    off_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+    b_beta = tl.load(beta + rows * H + i_h, mask=mr, other=0.0).to(tl.float32)
+    b_k = tl.load(k + off_k, mask=mrk, other=0.0).to(tl.float32)
+    b_g = tl.load(gc + off_k, mask=mrk, other=0.0)
+    tl.store(kend + off_k, (b_k * tl.exp(tl.minimum(b_glast[None, :] - b_g, 0.0))).to(kend.dtype.element_ty),
+             mask=mrk)
+    mrv = mr[:, None] & (o_v < V)[None, :]
+    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=mrv, other=0.0).to(tl.float32)
+    return b_k * tl.exp(tl.minimum(b_g, 0.0)) * b_beta[:, None], b_v * b_beta[:, None]
+
+
+@triton.jit
+def _store_rows(w, u, b_w, b_u, rows, end, H: tl.constexpr, i_h, K: tl.constexpr, V: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr):
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    mr = rows < end
+    tl.store(w + (rows[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty),
+             mask=mr[:, None] & (o_k < K)[None, :])
+    tl.store(u + (rows[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty),
+             mask=mr[:, None] & (o_v < V)[None, :])
+
+
+@triton.jit
+def _state_kernel(w, u, kend, gexp, h, h0, ht, cu_seqlens, seq_chunk_first,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                  PREC: tl.constexpr):
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c0 = tl.load(seq_chunk_first + i_n)
-    c1 = tl.load(seq_chunk_first + i_n + 1)
+                  LOWP: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Sequential over one sequence's chunks; chunk addresses are affine in the loop counter so
+    the loads of the next chunks are pipelined behind the current chunk's dots."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    c0 = tl.load(seq_chunk_first + i_n).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     mk = o_k < K
@@ -148,25 +246,21 @@ def _state_kernel(k, gc, w, u, v_new, h, h0, ht, seq_chunk_first, chunk_start, c
     if HAS_H0:
         b_s += tl.load(h0 + i_n.to(tl.int64) * H * K * V + state_off, mask=mh, other=0.0).to(tl.float32)
     o_t = tl.arange(0, BT)
-    for c in range(c0, c1):
-        start = tl.load(chunk_start + c).to(tl.int64)
-        end = tl.load(chunk_end + c).to(tl.int64)
-        tl.store(h + tl.cast(c, tl.int64) * H * K * V + state_off, b_s, mask=mh)
-        rows = start + o_t
-        mr = rows < end
+    for i_t in tl.range(0, NT, num_stages=NUM_STAGES):
+        c = c0 + i_t
+        tl.store(h + c * H * K * V + state_off, b_s.to(h.dtype.element_ty), mask=mh)
+        rows = bos + i_t * BT + o_t
+        mr = rows < eos
         mrk = mr[:, None] & mk[None, :]
+        mrv = mr[:, None] & mv[None, :]
         off_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
         off_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
-        mrv = mr[:, None] & mv[None, :]
         b_w = tl.load(w + off_k, mask=mrk, other=0.0)
-        b_vn = tl.load(u + off_v, mask=mrv, other=0.0) - tl.dot(b_w, b_s, input_precision=PREC)
-        tl.store(v_new + off_v, b_vn, mask=mrv)
-        last = tl.minimum(start + BT, end) - 1
-        b_glast = tl.load(gc + (last * H + i_h) * K + o_k, mask=mk, other=0.0)
-        b_g = tl.load(gc + off_k, mask=mrk, other=0.0)
-        b_k = tl.load(k + off_k, mask=mrk, other=0.0).to(tl.float32)
-        b_kend = b_k * tl.exp(tl.minimum(b_glast[None, :] - b_g, 0.0))
-        b_s = b_s * tl.exp(b_glast)[:, None] + tl.dot(tl.trans(b_kend), b_vn, input_precision=PREC)
+        b_ke = tl.load(kend + off_k, mask=mrk, other=0.0)
+        b_ge = tl.load(gexp + (c * H + i_h) * K + o_k, mask=mk, other=1.0)
+        b_vn = tl.load(u + off_v, mask=mrv, other=0.0) - _dot(b_w, b_s, LOWP)
+        tl.store(u + off_v, b_vn, mask=mrv)     # v_new overwrites u
+        b_s = b_s * b_ge[:, None] + _dot(tl.trans(b_ke), b_vn, LOWP)
     if STORE_HT:
         tl.store(ht + i_n.to(tl.int64) * H * K * V + state_off, b_s, mask=mh)
 
@@ -174,7 +268,7 @@ def _state_kernel(k, gc, w, u, v_new, h, h0, ht, seq_chunk_first, chunk_start, c
 @triton.jit
 def _output_kernel(q, gc, h, Aqk, v_new, o, chunk_start, chunk_end, scale,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                   BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr):
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(chunk_start + i_c).to(tl.int64)
     end = tl.load(chunk_end + i_c).to(tl.int64)
@@ -191,65 +285,81 @@ def _output_kernel(q, gc, h, Aqk, v_new, o, chunk_start, chunk_end, scale,
     b_g = tl.load(gc + off_k, mask=mrk, other=0.0)
     b_qd = b_q * tl.exp(tl.minimum(b_g, 0.0))
     b_h = tl.load(h + i_c.to(tl.int64) * H * K * V + i_h * K * V + o_k[:, None] * V + o_v[None, :],
-                  mask=mk[:, None] & mv[None, :], other=0.0)
+                  mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
     a_off = (i_c * H + i_h).to(tl.int64) * BT * BT + o_t[:, None] * BT + o_t[None, :]
     b_a = tl.load(Aqk + a_off)
     off_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
     mrv = mr[:, None] & mv[None, :]
     b_vn = tl.load(v_new + off_v, mask=mrv, other=0.0)
-    b_o = tl.dot(b_qd, b_h, input_precision=PREC) + tl.dot(b_a, b_vn, input_precision=PREC)
+    b_o = _dot(b_qd, b_h, LOWP) + _dot(b_a, b_vn, LOWP)
     tl.store(o + off_v, b_o.to(o.dtype.element_ty), mask=mrv)
 
 
 def chunk_layout(bounds, device):
-    """Chunk start/end token and each sequence's first chunk, as device int32 tensors."""
-    starts, ends, first = [], [], [0]
+    """Chunk start/end tokens, sequence bounds and each sequence's first chunk (device int32)."""
+    starts, ends, first, cu = [], [], [0], [0]
     for s, e in bounds:
         for c in range(s, e, BT):
             starts.append(c)
             ends.append(e)
         first.append(len(starts))
+        cu.append(e)
     as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    return as_t(starts), as_t(ends), as_t(first)
+    return as_t(starts), as_t(ends), as_t(first), as_t(cu)
 
 
 def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm_in_kernel=False, cu_seqlens=None):
+                     use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, state_bv=32, state_stages=2):
+    if state_bv not in (32, 64, 128):
+        # BV=16 faulted (illegal address) in the state pass on an H200 with Triton 3.6
+        raise ValueError(f"state_bv must be 32, 64 or 128, got {state_bv}")
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens)
     scale = K ** -0.5 if scale is None else scale
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
     q, k, v, g, beta = (x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta))
     total = B * T
-    starts, ends, first = chunk_layout(seq_bounds(B, T, cu_seqlens), q.device)
+    starts, ends, first, cu = chunk_layout(seq_bounds(B, T, cu_seqlens), q.device)
     NC = starts.numel()
     BK = triton.next_power_of_2(K)
     BVfull = triton.next_power_of_2(V)
     BV = min(BVfull, 64)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    # bf16 dot operands for low-precision inputs; the interpreter (numpy) has no bf16 matmul
+    lowp = q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
+    prec = "tf32" if lowp else "ieee"
     f32 = dict(dtype=torch.float32, device=q.device)
-    gc = torch.empty(total, H, K, **f32)
-    Aqk = torch.empty(NC, H, BT, BT, **f32)
-    Akk = torch.empty(NC, H, BT, BT, **f32)
-    w = torch.empty(total, H, K, **f32)
-    u = torch.empty(total, H, V, **f32)
-    v_new = torch.empty(total, H, V, **f32)
-    h = torch.empty(NC, H, K, V, **f32)
-    o = torch.empty(total, H, V, dtype=v.dtype, device=q.device)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    if NC:
-        _cumsum_kernel[(NC, H)](g, gc, starts, ends, H=H, K=K, BT=BT, BK=BK)
-        _intra_kernel[(NC, H)](q, k, gc, beta, Aqk, Akk, starts, ends, scale,
-                               H=H, K=K, BT=BT, BC=BC, BK=BK, PREC=prec)
-        _solve_kernel[(NC, H)](k, v, gc, beta, Akk, w, u, starts, ends,
-                               H=H, K=K, V=V, BT=BT, BK=BK, BV=BVfull, PREC=prec, num_warps=8)
-    _state_kernel[(N, H, triton.cdiv(V, BV))](
-        k, gc, w, u, v_new, h, h0, ht, first, starts, ends,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_HT=ht is not None,
-        PREC=prec, num_warps=8)
-    if NC:
-        _output_kernel[(NC, H, triton.cdiv(V, BV))](
-            q, gc, h, Aqk, v_new, o, starts, ends, scale,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=4)
+    if NC == 0:
+        if ht is not None:
+            ht.copy_(h0) if h0 is not None else ht.zero_()
+        return v.new_empty(B, T, H, V), ht
+    # allocation order keeps the peak low at 1M tokens: Akk is freed before h exists,
+    # and v_new overwrites u in place (each chunk's rows are read, then written, by one program)
+    gc = torch.empty(total, H, K, **f32)
+    _cumsum_kernel[(NC, H)](g, gc, starts, ends, H=H, K=K, BT=BT, BK=BK)
+    Aqk = torch.empty(NC, H, BT, BT, **f32)
+    Akk = torch.empty(NC, H, BT, BT, **f32)
+    _intra_kernel[(NC, H)](q, k, gc, beta, Aqk, Akk, starts, ends, scale,
+                           H=H, K=K, BT=BT, BC=BC, BK=BK, KC=min(BK, 32), PREC=prec)
+    low = q.dtype if lowp else torch.float32   # what the state pass reads as dot operands
+    w = torch.empty(total, H, K, dtype=low, device=q.device)
+    kend = torch.empty(total, H, K, dtype=low, device=q.device)
+    u = torch.empty(total, H, V, **f32)
+    gexp = torch.empty(NC, H, K, **f32)
+    _solve_kernel[(NC, H)](k, v, gc, beta, Akk, w, u, kend, gexp, starts, ends,
+                           H=H, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BVfull, LOWP=lowp, num_warps=4)
+    del Akk
+    # the state entering each chunk; fp32 for fp32 inputs, else the input dtype (as fla does)
+    h = torch.empty(NC, H, K, V, dtype=low, device=q.device)
+    sbv = min(BVfull, state_bv)
+    _state_kernel[(triton.cdiv(V, sbv), N * H)](
+        w, u, kend, gexp, h, h0, ht, cu, first,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=sbv, HAS_H0=h0 is not None, STORE_HT=ht is not None,
+        LOWP=lowp, NUM_STAGES=state_stages, num_warps=4)
+    del w, kend
+    o = torch.empty(total, H, V, dtype=v.dtype, device=q.device)
+    _output_kernel[(NC, H, triton.cdiv(V, BV))](
+        q, gc, h, Aqk, u, o, starts, ends, scale,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, LOWP=lowp, num_warps=4)
     return o.reshape(B, T, H, V), ht

@@ -3,7 +3,7 @@
 One program owns one (sequence, head, V-block) tile of the state in registers for the whole
 sequence: the state is read once and written once, which is the bandwidth floor for decode.
 With a pool, the program reads and writes the pool row its slot index names, in place; a negative
-index (a padded batch entry) returns before touching memory, and its output rows stay zero.
+index (a padded batch entry) writes zero outputs and leaves the pool alone.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def _recurrent_kda_kernel(
     if USE_POOL:
         slot = tl.load(slot_indices + i_n).to(tl.int64)
         if slot < 0:
+            for t in range(bos, eos):
+                tl.store(o + (t * H + i_h) * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty), mask=mask_v)
             return
         p_state = h0 + slot * stride_pool_slot + state_off
         b_h = tl.load(p_state, mask=mask_h, other=0.0).to(tl.float32)
@@ -72,7 +74,8 @@ def _recurrent_kda_kernel(
 
 
 def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                               use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None):
+                               use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None,
+                               *, block_v=None, num_warps=None):
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices)
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
@@ -81,10 +84,11 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
         raise ValueError("each row of the state pool must be a contiguous [H, K, V] block")
     if not use_pool and initial_state is not None:
         initial_state = initial_state.contiguous()
-    o = torch.zeros_like(v) if use_pool else torch.empty_like(v)
+    o = torch.empty_like(v)
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if (output_final_state and not use_pool) else None
     BK = triton.next_power_of_2(K)
-    BV = min(triton.next_power_of_2(V), 32 if BK > 64 else 64)
+    # measured on an H200 (kernels/RESULTS.md): BV=64 with 2 warps reads+writes the pool fastest
+    BV = block_v or min(triton.next_power_of_2(V), 64)
     grid = (N * H, triton.cdiv(V, BV))
     _recurrent_kda_kernel[grid](
         q, k, v, g, beta, o, initial_state, ht, cu_seqlens, ssm_state_indices,
@@ -92,7 +96,7 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
         H=H, K=K, V=V, BK=BK, BV=BV,
         HAS_H0=initial_state is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None,
         USE_POOL=use_pool, L2NORM=use_qk_l2norm_in_kernel,
-        num_warps=4 if BK * BV >= 4096 else 2,
+        num_warps=num_warps or 2,
     )
     if use_pool:
         return o, initial_state
