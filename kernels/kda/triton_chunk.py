@@ -4,7 +4,8 @@ The algebra is the one in `kernels/kda/cpu.py` (UT transform, then a state pass)
   1. `_cumsum_kernel`  per chunk: gc = cumulative log-decay inside the chunk (fp32).
   2. `_intra_kernel`   per chunk: Aqk (s <= t) and beta*Akk (s < t) from 16x16 blocks. Off-diagonal
                        blocks are one dot each, both factors taken relative to the block row's first
-                       token; diagonal blocks are exact pairwise, a [16, 16, 32] broadcast per K-slice. Exponents are clamped at 0,
+                       token. `_intra_diag_kernel`, one program per chunk row: the diagonal
+                       blocks, exactly pairwise. Exponents are clamped at 0,
                        a no-op for valid entries (all <= 0) that keeps padded rows finite.
   3. `_solve_kernel`   per chunk: X = (I + beta*Akk)^-1 (16x16 diagonal blocks by forward
                        substitution, merged by dots), w = X (beta e^gc k), u = X (beta v), and
@@ -55,7 +56,8 @@ def _cumsum_kernel(g, gc, chunk_start, chunk_end, H: tl.constexpr, K: tl.constex
 @triton.jit
 def _intra_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
                   H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                  KC: tl.constexpr, PREC: tl.constexpr):
+                  PREC: tl.constexpr):
+    """Off-diagonal 16x16 blocks (one dot each) and the zero blocks above the diagonal."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     start = tl.load(chunk_start + i_c).to(tl.int64)
     end = tl.load(chunk_end + i_c).to(tl.int64)
@@ -86,31 +88,47 @@ def _intra_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
             a_off = a_base + (i * BC + o_c)[:, None] * BT + (j * BC + o_c)[None, :]
             tl.store(Aqk + a_off, tl.dot(b_lq, b_rk, input_precision=PREC))
             tl.store(Akk + a_off, tl.dot(b_lk, b_rk, input_precision=PREC) * b_beta[:, None])
-        # diagonal block: all (t, s) pairs at once, as a [BC, BC, KC] broadcast per K-slice
-        b_aq = tl.zeros([BC, BC], dtype=tl.float32)
-        b_ak = tl.zeros([BC, BC], dtype=tl.float32)
-        causal = (o_c[:, None] >= o_c[None, :])[:, :, None]
-        for kk in tl.static_range(0, BK, KC):
-            o_kc = kk + tl.arange(0, KC)
-            mkc = (rows_i < end)[:, None] & (o_kc < K)[None, :]
-            off_c = (rows_i[:, None] * H + i_h) * K + o_kc[None, :]
-            c_q = tl.load(q + off_c, mask=mkc, other=0.0).to(tl.float32) * scale
-            c_k = tl.load(k + off_c, mask=mkc, other=0.0).to(tl.float32)
-            c_g = tl.load(gc + off_c, mask=mkc, other=0.0)
-            # exponent g_t - g_s <= 0 where t >= s; the rest is masked to exp(0) * 0
-            e = tl.exp(tl.minimum(c_g[:, None, :] - c_g[None, :, :], 0.0))
-            e = tl.where(causal, e, 0.0) * c_k[None, :, :]
-            b_aq += tl.sum(c_q[:, None, :] * e, 2)
-            b_ak += tl.sum(c_k[:, None, :] * e, 2)
-        b_ak = tl.where(o_c[:, None] > o_c[None, :], b_ak, 0.0)
-        a_off = a_base + (i * BC + o_c)[:, None] * BT + (i * BC + o_c)[None, :]
-        tl.store(Aqk + a_off, b_aq)
-        tl.store(Akk + a_off, b_ak * b_beta[:, None])
         # blocks above the diagonal are zero
         for j in tl.static_range(i + 1, BT // BC):
             a_off = a_base + (i * BC + o_c)[:, None] * BT + (j * BC + o_c)[None, :]
             tl.store(Aqk + a_off, tl.zeros([BC, BC], dtype=tl.float32))
             tl.store(Akk + a_off, tl.zeros([BC, BC], dtype=tl.float32))
+
+
+@triton.jit
+def _intra_diag_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
+                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Diagonal 16x16 blocks, one program per (chunk row, head): row t against the tokens s <= t of
+    its sub-block, exactly (exponent g_t - g_s <= 0). Padded rows get zeros, so every entry of A
+    is written (the solve's dots would turn unwritten garbage into NaN)."""
+    pid, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    c = pid // BT
+    pos = pid % BT
+    start = tl.load(chunk_start + c).to(tl.int64)
+    end = tl.load(chunk_end + c).to(tl.int64)
+    i_t = start + pos
+    blk = pos // BC
+    o_c = tl.arange(0, BC)
+    o_k = tl.arange(0, BK)
+    rows = start + blk * BC + o_c
+    # scalar conditions broadcast explicitly: the interpreter rejects scalar-and-vector masks
+    ms = (rows <= i_t) & ((i_t + 0 * o_c) < end)
+    mt = (o_k < K) & ((i_t + 0 * o_k) < end)
+    m2 = ms[:, None] & (o_k < K)[None, :]
+    off = (rows[:, None] * H + i_h) * K + o_k[None, :]
+    b_ks = tl.load(k + off, mask=m2, other=0.0).to(tl.float32)
+    b_gs = tl.load(gc + off, mask=m2, other=0.0)
+    b_qt = tl.load(q + (i_t * H + i_h) * K + o_k, mask=mt, other=0.0).to(tl.float32) * scale
+    b_kt = tl.load(k + (i_t * H + i_h) * K + o_k, mask=mt, other=0.0).to(tl.float32)
+    b_gt = tl.load(gc + (i_t * H + i_h) * K + o_k, mask=mt, other=0.0)
+    b_e = tl.exp(tl.minimum(b_gt[None, :] - b_gs, 0.0)) * b_ks
+    b_aq = tl.where(ms, tl.sum(b_qt[None, :] * b_e, 1), 0.0)
+    # padded rows read a valid beta; their entries are zero through `ms` anyway
+    b_beta = tl.load(beta + tl.minimum(i_t, end - 1) * H + i_h).to(tl.float32)
+    b_ak = tl.where(ms & (rows < i_t), tl.sum(b_kt[None, :] * b_e, 1) * b_beta, 0.0)
+    a_off = (c * H + i_h) * BT * BT + pos * BT + blk * BC + o_c
+    tl.store(Aqk + a_off, b_aq)
+    tl.store(Akk + a_off, b_ak)
 
 
 @triton.jit
@@ -341,7 +359,9 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     Aqk = torch.empty(NC, H, BT, BT, **f32)
     Akk = torch.empty(NC, H, BT, BT, **f32)
     _intra_kernel[(NC, H)](q, k, gc, beta, Aqk, Akk, starts, ends, scale,
-                           H=H, K=K, BT=BT, BC=BC, BK=BK, KC=min(BK, 32), PREC=prec)
+                           H=H, K=K, BT=BT, BC=BC, BK=BK, PREC=prec)
+    _intra_diag_kernel[(NC * BT, H)](q, k, gc, beta, Aqk, Akk, starts, ends, scale,
+                                     H=H, K=K, BT=BT, BC=BC, BK=BK, num_warps=2)
     low = q.dtype if lowp else torch.float32   # what the state pass reads as dot operands
     w = torch.empty(total, H, K, dtype=low, device=q.device)
     kend = torch.empty(total, H, K, dtype=low, device=q.device)

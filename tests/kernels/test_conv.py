@@ -1,0 +1,76 @@
+"""The short causal conv against torch's own conv1d, for prefill, slot updates and splits."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.conv import causal_conv1d, causal_conv1d_update
+
+
+def conv_reference(x, weight, prefix):
+    """One sequence: F.conv1d over [prefix | x] (prefix = the width-1 earlier inputs), SiLU."""
+    W = weight.shape[1]
+    xp = torch.cat([prefix, x]).t().unsqueeze(0)                      # [1, dim, W-1+L]
+    y = F.conv1d(xp.double(), weight.double().unsqueeze(1), groups=weight.shape[0])
+    return F.silu(y[0].t())[-x.shape[0]:] if x.shape[0] else y[0].t()[:0], torch.cat([prefix, x])[-(W - 1):]
+
+
+@pytest.mark.parametrize("lens", [[1], [7], [1, 2, 3, 40], [100, 1, 5]])
+@pytest.mark.parametrize("width", [2, 4])
+def test_prefill_varlen_with_initial_states(lens, width):
+    dim, slots = 24, 9
+    x = torch.randn(sum(lens), dim)
+    weight = torch.randn(dim, width)
+    pool = torch.randn(slots, dim, width - 1)
+    before = pool.clone()
+    idx = torch.tensor([8, 1, 4, 6][: len(lens)])
+    has_init = torch.tensor([True, False, True, True][: len(lens)])
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    y = causal_conv1d(x, weight, cu, pool, idx, has_init)
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        prefix = before[idx[i]].t() if has_init[i] else torch.zeros(width - 1, dim)
+        ry, rstate = conv_reference(x[s:e], weight, prefix)
+        torch.testing.assert_close(y[s:e].double(), ry, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pool[idx[i]].t(), rstate.float())
+    others = [i for i in range(slots) if i not in idx.tolist()]
+    assert torch.equal(pool[others], before[others])
+
+
+def test_update_on_slots_skips_padding_and_matches_prefill():
+    """Prefill of T tokens then one-token updates == prefill of T + n tokens in one piece."""
+    dim, W, slots = 16, 4, 5
+    weight = torch.randn(dim, W)
+    x = torch.randn(13, dim)
+    pool = torch.zeros(slots, dim, W - 1)
+    whole = causal_conv1d(x, weight, None, pool.clone(), torch.tensor([0]), torch.tensor([False]))
+    causal_conv1d(x[:10], weight, None, pool, torch.tensor([3]), torch.tensor([False]))
+    for t in range(10, 13):
+        idx = torch.tensor([-1, 3, -1])
+        before = pool.clone()
+        y = causal_conv1d_update(torch.stack([torch.randn(dim), x[t], torch.randn(dim)]), weight, pool, idx)
+        torch.testing.assert_close(y[1], whole[t], rtol=1e-5, atol=1e-5)
+        assert (y[0] == 0).all() and (y[2] == 0).all()
+        untouched = [0, 1, 2, 4]
+        assert torch.equal(pool[untouched], before[untouched])
+
+
+def test_transposed_state_view_works():
+    """vLLM keeps conv states as [slots, width-1, dim]; a transposed view must be accepted."""
+    dim, W = 8, 4
+    storage = torch.randn(3, W - 1, dim)
+    view = storage.transpose(1, 2)
+    weight = torch.randn(dim, W)
+    x = torch.randn(2, dim)
+    expect = view.clone()
+    y = causal_conv1d_update(x, weight, view, torch.tensor([2, 0]))
+    ref = causal_conv1d_update(x, weight, expect, torch.tensor([2, 0]))
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(storage.transpose(1, 2), expect)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="conv states must be"):
+        causal_conv1d_update(torch.randn(2, 8), torch.randn(8, 4), torch.randn(3, 8, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="past the 3 conv-state slots"):
+        causal_conv1d_update(torch.randn(1, 8), torch.randn(8, 4), torch.randn(3, 8, 3), torch.tensor([3]))
