@@ -119,42 +119,60 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
 
     per_chunk = H * chunk_size * LEAF * K
     step = max(1, _INTRA_BATCH_ELEMS // per_chunk)
-    parts = [_intra_chunk(qc[i:i + step], kc[i:i + step], vc[i:i + step], gcx[i:i + step], bc[i:i + step])
-             for i in range(0, NC, step)]
-    terms = [torch.cat(p) if len(parts) > 1 else p[0] for p in zip(*parts)]
-
     S = q.new_zeros(N, H, K, V) if initial_state is None else initial_state.to(dt).clone()
-    o_chunks = _chunk_scan(layout.seq_chunks, S, *terms)
+    lens = {len(c) for c in layout.seq_chunks}
+    if len(lens) == 1:
+        o_chunks = _fused_scan(lens.pop(), N, step, S, qc, kc, vc, gcx, bc)
+    else:
+        parts = [_intra_chunk(qc[i:i + step], kc[i:i + step], vc[i:i + step], gcx[i:i + step], bc[i:i + step])
+                 for i in range(0, NC, step)]
+        terms = [torch.cat(p) if len(parts) > 1 else p[0] for p in zip(*parts)]
+        o_chunks = _varlen_scan(layout.seq_chunks, S, *terms)
 
     o = layout.scatter(o_chunks.transpose(1, 2), total).reshape(B, T, H, V)
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def _chunk_scan(seq_chunks, S, Aqk, wq, u, kend_t, g_last_exp):
-    """The sequential pass, batched over sequences: chunk j of every sequence that has one.
-    Updates S [N, H, K, V] in place; returns the outputs of every chunk [NC, H, C, V]."""
+def _scan_step(S, Aqk, wq, u, kend_t, g_last_exp):
+    """One chunk of every sequence in S [n, H, K, V]: returns its outputs, updates S in place."""
     C = u.shape[-2]
+    ws = wq @ S
+    v_new = u - ws[..., :C, :]
+    S.mul_(g_last_exp).add_(kend_t @ v_new)
+    return ws[..., C:, :] + Aqk @ v_new
+
+
+def _fused_scan(n, N, step, S, qc, kc, vc, gcx, bc):
+    """Equal-length sequences (n chunks each): walk chunk positions in batches, computing each
+    batch's intra-chunk terms and consuming them at once, so nothing is stored for all chunks."""
+    if N > 1:  # position-major order: chunk j of every sequence is one contiguous block
+        perm = torch.arange(N * n, device=qc.device).view(N, n).t().reshape(-1)
+        qc, kc, vc, gcx, bc = (x[perm] for x in (qc, kc, vc, gcx, bc))
+    o = torch.empty(*vc.shape[:-2], vc.shape[-2], vc.shape[-1], dtype=vc.dtype, device=vc.device)
+    per = max(1, step // N)
+    for j0 in range(0, n, per):
+        rows = slice(j0 * N, min(n, j0 + per) * N)
+        terms = _intra_chunk(qc[rows], kc[rows], vc[rows], gcx[rows], bc[rows])
+        for jj in range(0, rows.stop - rows.start, N):
+            o[rows.start + jj: rows.start + jj + N] = _scan_step(S, *(t[jj:jj + N] for t in terms))
+    if N > 1:
+        out = torch.empty_like(o)
+        out[perm] = o
+        o = out
+    return o
+
+
+def _varlen_scan(seq_chunks, S, Aqk, wq, u, kend_t, g_last_exp):
+    """The sequential pass over sequences of different lengths: chunk j of every sequence that
+    has one, batched. Updates S [N, H, K, V] in place; returns every chunk's outputs."""
     o_chunks = torch.empty_like(u)
-    n_max = max((len(c) for c in seq_chunks), default=0)
-    lens = [len(c) for c in seq_chunks]
-    if len(set(lens)) == 1:  # equal lengths: chunk j of sequence i is i * n + j
-        n = lens[0]
-        for j in range(n_max):
-            ids = slice(j, None, n)
-            ws = wq[ids] @ S
-            v_new = u[ids] - ws[..., :C, :]
-            o_chunks[ids] = ws[..., C:, :] + Aqk[ids] @ v_new
-            S.mul_(g_last_exp[ids]).add_(kend_t[ids] @ v_new)
-        return o_chunks
-    for j in range(n_max):
+    for j in range(max(len(c) for c in seq_chunks)):
         seqs = [i for i, c in enumerate(seq_chunks) if len(c) > j]
         ids = torch.tensor([seq_chunks[i][j] for i in seqs], device=S.device)
         sel = torch.tensor(seqs, device=S.device)
         s = S[sel]
-        ws = wq[ids] @ s
-        v_new = u[ids] - ws[..., :C, :]
-        o_chunks[ids] = ws[..., C:, :] + Aqk[ids] @ v_new
-        S[sel] = s * g_last_exp[ids] + kend_t[ids] @ v_new
+        o_chunks[ids] = _scan_step(s, Aqk[ids], wq[ids], u[ids], kend_t[ids], g_last_exp[ids])
+        S[sel] = s
     return o_chunks
 
 
