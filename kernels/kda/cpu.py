@@ -30,9 +30,14 @@ LEAF = 4
 _INTRA_BATCH_ELEMS = 1 << 21  # ~2M elements: the per-batch temporaries stay in cache
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 inputs are computed (and their states returned) in float64, all else in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm):
+    """[B, T, ...] -> [B*T, ...] in the compute dtype (float64 for float64 inputs, whose states are
+    then float64 too; float32 otherwise), with q and k normalised if asked and q scaled."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v, g, beta = (x.flatten(0, 1).to(dt) for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    return q * (q.shape[-1] ** -0.5 if scale is None else scale), k, v, g, beta
 
 
 def _leaf_products(q, k, gc):
@@ -103,13 +108,9 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens)
     if chunk_size not in (16, 64, 256):
         raise ValueError(f"chunk_size must be 16, 64 or 256, got {chunk_size}")
-    dt = _compute_dtype(q)
     out_dtype = v.dtype
-    scale = K ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (x.reshape(B * T, *x.shape[2:]).to(dt) for x in (q, k, v, g, beta))
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    q = q * scale
+    q, k, v, g, beta = _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
+    dt = q.dtype
 
     total = B * T
     layout = ChunkLayout.build(seq_bounds(B, T, cu_seqlens), chunk_size, total, q.device)
@@ -181,13 +182,9 @@ def fused_recurrent_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, 
     """Token-by-token recurrence. With `ssm_state_indices`, `initial_state` is a state pool whose
     named rows are read and updated in place (negative index: padded entry, skipped, output 0)."""
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices)
-    dt = _compute_dtype(q)
     out_dtype = v.dtype
-    scale = K ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (x.reshape(B * T, *x.shape[2:]).to(dt) for x in (q, k, v, g, beta))
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    q = q * scale
+    q, k, v, g, beta = _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
+    dt = q.dtype
     bounds = seq_bounds(B, T, cu_seqlens)
     o = v.new_zeros(B * T, H, V)   # compute dtype; cast on return
 
