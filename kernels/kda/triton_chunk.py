@@ -4,8 +4,8 @@ The algebra is the one in `kernels/kda/cpu.py` (UT transform, then a state pass)
   1. `_cumsum_kernel`  per chunk: gc = cumulative log-decay inside the chunk (fp32).
   2. `_intra_kernel`   per chunk: Aqk (s <= t) and beta*Akk (s < t) from 16x16 blocks. Off-diagonal
                        blocks are one dot each, both factors taken relative to the block row's first
-                       token. `_intra_diag_kernel`, one program per chunk row: the diagonal
-                       blocks, exactly pairwise. Exponents are clamped at 0,
+                       token. `_intra_diag_kernel`, one program per diagonal block: exactly
+                       pairwise, row by row. Exponents are clamped at 0,
                        a no-op for valid entries (all <= 0) that keeps padded rows finite.
   3. `_solve_kernel`   per chunk: X = (I + beta*Akk)^-1 (16x16 diagonal blocks by forward
                        substitution, merged by dots), w = X (beta e^gc k), u = X (beta v), and
@@ -57,28 +57,32 @@ def _cumsum_kernel(g, gc, chunk_start, chunk_end, H: tl.constexpr, K: tl.constex
 def _intra_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
                   H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                   PREC: tl.constexpr):
-    """Off-diagonal 16x16 blocks (one dot each) and the zero blocks above the diagonal."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """One 16-row block i of a chunk: its off-diagonal blocks j < i (one dot each) and the zero
+    blocks j > i. (The diagonal block is `_intra_diag_kernel`'s.)"""
+    i_c, i_h, i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(chunk_start + i_c).to(tl.int64)
     end = tl.load(chunk_end + i_c).to(tl.int64)
     o_k = tl.arange(0, BK)
     mk = o_k < K
     o_c = tl.arange(0, BC)
     a_base = (i_c * H + i_h).to(tl.int64) * BT * BT
-    for i in tl.static_range(BT // BC):
-        rows_i = start + i * BC + o_c
+    rows_i = start + i * BC + o_c
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    for j in range(i + 1, BT // BC):
+        a_off = a_base + (i * BC + o_c)[:, None] * BT + (j * BC + o_c)[None, :]
+        tl.store(Aqk + a_off, zero)
+        tl.store(Akk + a_off, zero)
+    if i > 0:
         mi = (rows_i < end)[:, None] & mk[None, :]
         off_i = (rows_i[:, None] * H + i_h) * K + o_k[None, :]
-        b_qi = tl.load(q + off_i, mask=mi, other=0.0).to(tl.float32) * scale
-        b_ki = tl.load(k + off_i, mask=mi, other=0.0).to(tl.float32)
         b_gi = tl.load(gc + off_i, mask=mi, other=0.0)
         b_beta = tl.load(beta + rows_i * H + i_h, mask=rows_i < end, other=0.0).to(tl.float32)
-        # reference token: the first of block i
+        # reference token: the first of block i; both factors' exponents are <= 0
         b_g0 = tl.load(gc + ((start + i * BC) * H + i_h) * K + o_k, mask=mk, other=0.0)
         left = tl.exp(tl.minimum(b_gi - b_g0[None, :], 0.0))
-        b_lq = b_qi * left
-        b_lk = b_ki * left
-        for j in tl.static_range(i):
+        b_lq = tl.load(q + off_i, mask=mi, other=0.0).to(tl.float32) * scale * left
+        b_lk = tl.load(k + off_i, mask=mi, other=0.0).to(tl.float32) * left
+        for j in range(0, i):
             rows_j = start + j * BC + o_c
             mj = (rows_j < end)[:, None] & mk[None, :]
             off_j = (rows_j[:, None] * H + i_h) * K + o_k[None, :]
@@ -88,47 +92,40 @@ def _intra_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
             a_off = a_base + (i * BC + o_c)[:, None] * BT + (j * BC + o_c)[None, :]
             tl.store(Aqk + a_off, tl.dot(b_lq, b_rk, input_precision=PREC))
             tl.store(Akk + a_off, tl.dot(b_lk, b_rk, input_precision=PREC) * b_beta[:, None])
-        # blocks above the diagonal are zero
-        for j in tl.static_range(i + 1, BT // BC):
-            a_off = a_base + (i * BC + o_c)[:, None] * BT + (j * BC + o_c)[None, :]
-            tl.store(Aqk + a_off, tl.zeros([BC, BC], dtype=tl.float32))
-            tl.store(Akk + a_off, tl.zeros([BC, BC], dtype=tl.float32))
 
 
 @triton.jit
 def _intra_diag_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """Diagonal 16x16 blocks, one program per (chunk row, head): row t against the tokens s <= t of
-    its sub-block, exactly (exponent g_t - g_s <= 0). Padded rows get zeros, so every entry of A
-    is written (the solve's dots would turn unwritten garbage into NaN)."""
-    pid, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    c = pid // BT
-    pos = pid % BT
-    start = tl.load(chunk_start + c).to(tl.int64)
-    end = tl.load(chunk_end + c).to(tl.int64)
-    i_t = start + pos
-    blk = pos // BC
+    """Diagonal 16x16 block i of a chunk, exactly pairwise (exponent g_t - g_s <= 0 for s <= t):
+    the block's k and g stay in registers while its 16 rows t are walked. Padded rows get zeros,
+    so every entry of A is written (the solve's dots would turn unwritten garbage into NaN)."""
+    i_c, i_h, i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(chunk_start + i_c).to(tl.int64)
+    end = tl.load(chunk_end + i_c).to(tl.int64)
     o_c = tl.arange(0, BC)
     o_k = tl.arange(0, BK)
-    rows = start + blk * BC + o_c
-    # scalar conditions broadcast explicitly: the interpreter rejects scalar-and-vector masks
-    ms = (rows <= i_t) & ((i_t + 0 * o_c) < end)
-    mt = (o_k < K) & ((i_t + 0 * o_k) < end)
-    m2 = ms[:, None] & (o_k < K)[None, :]
+    mk = o_k < K
+    rows = start + i * BC + o_c
+    m2 = (rows < end)[:, None] & mk[None, :]
     off = (rows[:, None] * H + i_h) * K + o_k[None, :]
     b_ks = tl.load(k + off, mask=m2, other=0.0).to(tl.float32)
     b_gs = tl.load(gc + off, mask=m2, other=0.0)
-    b_qt = tl.load(q + (i_t * H + i_h) * K + o_k, mask=mt, other=0.0).to(tl.float32) * scale
-    b_kt = tl.load(k + (i_t * H + i_h) * K + o_k, mask=mt, other=0.0).to(tl.float32)
-    b_gt = tl.load(gc + (i_t * H + i_h) * K + o_k, mask=mt, other=0.0)
-    b_e = tl.exp(tl.minimum(b_gt[None, :] - b_gs, 0.0)) * b_ks
-    b_aq = tl.where(ms, tl.sum(b_qt[None, :] * b_e, 1), 0.0)
-    # padded rows read a valid beta; their entries are zero through `ms` anyway
-    b_beta = tl.load(beta + tl.minimum(i_t, end - 1) * H + i_h).to(tl.float32)
-    b_ak = tl.where(ms & (rows < i_t), tl.sum(b_kt[None, :] * b_e, 1) * b_beta, 0.0)
-    a_off = (c * H + i_h) * BT * BT + pos * BT + blk * BC + o_c
-    tl.store(Aqk + a_off, b_aq)
-    tl.store(Akk + a_off, b_ak)
+    a_base = (i_c * H + i_h).to(tl.int64) * BT * BT + i * BC * BT + i * BC
+    for t in range(BC):
+        i_t = start + i * BC + t
+        # scalar conditions broadcast explicitly: the interpreter rejects scalar-and-vector masks
+        valid_k = mk & ((i_t + 0 * o_k) < end)
+        b_qt = tl.load(q + (i_t * H + i_h) * K + o_k, mask=valid_k, other=0.0).to(tl.float32) * scale
+        b_kt = tl.load(k + (i_t * H + i_h) * K + o_k, mask=valid_k, other=0.0).to(tl.float32)
+        b_gt = tl.load(gc + (i_t * H + i_h) * K + o_k, mask=valid_k, other=0.0)
+        b_e = tl.exp(tl.minimum(b_gt[None, :] - b_gs, 0.0)) * b_ks
+        b_beta = tl.load(beta + tl.minimum(i_t, end - 1) * H + i_h).to(tl.float32)
+        ms = (o_c <= t) & ((i_t + 0 * o_c) < end)
+        b_aq = tl.where(ms, tl.sum(b_qt[None, :] * b_e, 1), 0.0)
+        b_ak = tl.where(ms & (o_c < t), tl.sum(b_kt[None, :] * b_e, 1) * b_beta, 0.0)
+        tl.store(Aqk + a_base + t * BT + o_c, b_aq)
+        tl.store(Akk + a_base + t * BT + o_c, b_ak)
 
 
 @triton.jit
@@ -327,7 +324,7 @@ def chunk_layout(bounds, device):
 
 
 def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, state_bv=32, state_stages=2):
+                     use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, state_bv=32, state_stages=3):
     if state_bv not in (32, 64, 128):
         # BV=16 faulted (illegal address) in the state pass on an H200 with Triton 3.6
         raise ValueError(f"state_bv must be 32, 64 or 128, got {state_bv}")
@@ -358,10 +355,10 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     _cumsum_kernel[(NC, H)](g, gc, starts, ends, H=H, K=K, BT=BT, BK=BK)
     Aqk = torch.empty(NC, H, BT, BT, **f32)
     Akk = torch.empty(NC, H, BT, BT, **f32)
-    _intra_kernel[(NC, H)](q, k, gc, beta, Aqk, Akk, starts, ends, scale,
+    _intra_kernel[(NC, H, BT // BC)](q, k, gc, beta, Aqk, Akk, starts, ends, scale,
                            H=H, K=K, BT=BT, BC=BC, BK=BK, PREC=prec)
-    _intra_diag_kernel[(NC * BT, H)](q, k, gc, beta, Aqk, Akk, starts, ends, scale,
-                                     H=H, K=K, BT=BT, BC=BC, BK=BK, num_warps=2)
+    _intra_diag_kernel[(NC, H, BT // BC)](q, k, gc, beta, Aqk, Akk, starts, ends, scale,
+                                          H=H, K=K, BT=BT, BC=BC, BK=BK, num_warps=4)
     low = q.dtype if lowp else torch.float32   # what the state pass reads as dot operands
     w = torch.empty(total, H, K, dtype=low, device=q.device)
     kend = torch.empty(total, H, K, dtype=low, device=q.device)
