@@ -3,5 +3,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/deploy/setup-cpu.sh"
+"$root/deploy/ci/install-tools.sh"   # kubectl, for rendering the deploy manifests
 cd "$root"
 exec "${KIMI_VENV:-$root/.venv}/bin/python" -m pytest tests "$@"
