@@ -138,7 +138,7 @@ def test_config_fields(tiny, tokenizer):
     assert (c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]) == (256, 4, 512)
     assert c["num_attention_heads"] == c["num_key_value_heads"] == 4
     assert (c["q_lora_rank"], c["kv_lora_rank"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
-            c["v_head_dim"], c["mla_use_nope"]) == (None, 128, 64, 64, 64, True)
+            c["v_head_dim"], c["mla_use_nope"]) == (None, 512, 64, 64, 64, True)
     assert (c["num_experts"], c["num_experts_per_token"], c["num_shared_experts"],
             c["moe_intermediate_size"]) == (8, 2, 1, 128)
     assert (c["first_k_dense_replace"], c["moe_layer_freq"], c["moe_router_activation_func"],

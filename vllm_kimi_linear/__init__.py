@@ -1,1 +1,30 @@
-"""vllm-kimi-linear: serves Kimi Linear models through vLLM as a general plugin."""
+"""vllm-kimi-linear: serves Kimi Linear models through vLLM as a general plugin.
+
+`register()` is the `vllm.general_plugins` entry point; vLLM calls it in every process (API
+server, engine core, workers), possibly more than once, so it is idempotent. Importing this
+package does not import vLLM: register() imports it lazily.
+"""
+
+ARCH = "KimiLinearForCausalLM"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    # A "module:Class" string is registered lazily and replaces vLLM's in-tree Kimi Linear
+    # (which cannot run on CPU: CUDA streams, Triton-only KDA, NVIDIA MLA).
+    ModelRegistry.register_model(ARCH, "vllm_kimi_linear.model:KimiLinearForCausalLM")
+
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from .hooks import KimiLinearConfigHook
+    MODELS_CONFIG_MAP[ARCH] = KimiLinearConfigHook
+
+    # config.json's model_type "kimi_linear" already maps to vLLM's KimiLinearConfig (no
+    # trust_remote_code needed); our own checks run in the hook above.
+    from vllm.platforms import current_platform
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+        register_backend(AttentionBackendEnum.CPU_MLA, "vllm_kimi_linear.cpu_mla.CPUMLAAnyBlock")
+        from .cpu_mla import install_runner_fix
+        install_runner_fix()  # vLLM zeroes new blocks at the wrong place once MLA blocks are split

@@ -34,7 +34,7 @@ MAX_CONTEXT = 131072  # model_max_length of the tiny model (the published one sa
 
 @dataclass(frozen=True)
 class TinyOptions:
-    """Dimensions of the tiny model. Defaults: 4 layers (0-2 KDA, 3 MLA), about 4.9M parameters."""
+    """Dimensions of the tiny model. Defaults: 4 layers (0-2 KDA, 3 MLA), about 5.2M parameters."""
 
     hidden: int = 256
     layers: int = 4
@@ -42,7 +42,8 @@ class TinyOptions:
     kda_head_dim: int = 64
     conv_kernel: int = 4
     mla_heads: int = 4
-    kv_lora_rank: int = 128
+    # 512 latent + 64 rope = 576: the only MLA head size vLLM's CPU MLA kernel accepts
+    kv_lora_rank: int = 512
     qk_nope: int = 64
     qk_rope: int = 64
     v_head: int = 64

@@ -1,0 +1,170 @@
+"""A config.json or checkpoint the plugin cannot serve fails with ONE clear ValueError that names
+the field or tensor (vllm_kimi_linear/config.py), both when the checks are called directly and
+when vLLM starts an engine on the bad model directory (the config hook; the weight loader)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_kimi_linear.builder import build_tiny_checkpoint
+from vllm_kimi_linear.config import (KimiLinearCheckpointError, KimiLinearConfigError,
+                                     check_all_present, check_tensor, expected_checkpoint_shapes,
+                                     validate_config)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("cfg") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny) -> dict:
+    return json.loads((tiny / "config.json").read_text())
+
+
+def _with(cfg: dict, edit) -> dict:
+    c = copy.deepcopy(cfg)
+    edit(c)
+    return c
+
+
+def test_builder_config_is_valid(cfg):
+    validate_config(cfg, tp_size=1, on_cpu=True)
+    validate_config(cfg, tp_size=2, on_cpu=True)
+
+
+CASES = {
+    "both_lists": (lambda c: c["linear_attn_config"].__setitem__("kda_layers", [1, 2, 3, 4]),
+                   r"\[4\] \(1-based\) are in both linear_attn_config.kda_layers and full_attn_layers"),
+    "neither_list": (lambda c: c["linear_attn_config"].__setitem__("kda_layers", [1, 2]),
+                     r"\[3\] \(1-based\) are in neither linear_attn_config.kda_layers"),
+    "zero_based": (lambda c: c["linear_attn_config"].__setitem__("kda_layers", [0, 1, 2]),
+                   r"kda_layers has \[0\] out of range: layer numbers are 1-based"),
+    "past_end": (lambda c: c["linear_attn_config"].__setitem__("full_attn_layers", [4, 5]),
+                 r"full_attn_layers has \[5\] out of range"),
+    "missing_field": (lambda c: c.pop("kv_lora_rank"), r"missing field\(s\) \['kv_lora_rank'\]"),
+    "missing_linear_field": (lambda c: c["linear_attn_config"].pop("head_dim"),
+                             r"linear_attn_config is missing field\(s\) \['head_dim'\]"),
+    "rope_mla": (lambda c: c.__setitem__("mla_use_nope", False), r"mla_use_nope must be true"),
+    "q_lora": (lambda c: c.__setitem__("q_lora_rank", 64), r"q_lora_rank must be null"),
+    "cpu_latent": (lambda c: c.__setitem__("kv_lora_rank", 128),
+                   r"kv_lora_rank=128 .*CPU MLA kernel supports only kv_lora_rank=512"),
+    "cpu_rope": (lambda c: c.__setitem__("qk_rope_head_dim", 32), r"qk_rope_head_dim=32"),
+    "bad_heads": (lambda c: c["linear_attn_config"].__setitem__("num_heads", 0),
+                  r"linear_attn_config.num_heads must be a positive integer"),
+    "topk": (lambda c: c.__setitem__("num_experts_per_token", 9),
+             r"num_experts_per_token=9 exceeds num_experts=8"),
+    "router": (lambda c: c.__setitem__("moe_router_activation_func", "relu"),
+               r"moe_router_activation_func must be"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_errors_name_the_field(cfg, case):
+    edit, pattern = CASES[case]
+    with pytest.raises(KimiLinearConfigError, match=pattern) as e:
+        validate_config(_with(cfg, edit), tp_size=1, on_cpu=True)
+    assert isinstance(e.value, ValueError) and str(e.value).startswith("Kimi Linear config.json: ")
+
+
+def test_tensor_parallel_divisibility(cfg):
+    with pytest.raises(KimiLinearConfigError, match=r"linear_attn_config.num_heads=4 is not divisible "
+                                                    r"by the tensor-parallel size 3"):
+        validate_config(cfg, tp_size=3)
+    c = _with(cfg, lambda c: c["linear_attn_config"].__setitem__("num_heads", 8))
+    with pytest.raises(KimiLinearConfigError, match=r"num_attention_heads=4 is not divisible"):
+        validate_config(c, tp_size=8)
+
+
+def test_gpu_allows_other_mla_dims(cfg):
+    validate_config(_with(cfg, lambda c: c.__setitem__("kv_lora_rank", 128)), on_cpu=False)
+
+
+def test_expected_shapes_match_the_builder(tiny, cfg):
+    got = {k: tuple(v.shape) for k, v in load_file(str(tiny / "model.safetensors")).items()}
+    assert got == expected_checkpoint_shapes(cfg)
+
+
+def test_checkpoint_errors_name_the_tensor(cfg):
+    exp = expected_checkpoint_shapes(cfg)
+    name = "model.layers.1.self_attn.A_log"
+    assert check_tensor(exp, name, (1, 1, 4, 1))
+    assert not check_tensor(exp, "model.layers.3.self_attn.rotary_emb.inv_freq", (32,))
+    with pytest.raises(KimiLinearCheckpointError, match=rf"tensor {name} has shape \(4,\), but "
+                                                        r"config.json implies \(1, 1, 4, 1\)"):
+        check_tensor(exp, name, (4,))
+    seen = set(exp) - {"model.layers.2.self_attn.dt_bias"}
+    with pytest.raises(KimiLinearCheckpointError,
+                       match=r"tensor model.layers.2.self_attn.dt_bias is missing; expected shape \(256,\)"):
+        check_all_present(exp, seen)
+    check_all_present(exp, set(exp))
+
+
+# ------------------------------------------------------------------- through engine start-up
+
+STARTUP = r"""
+import sys
+from vllm import LLM
+if __name__ == "__main__":
+    try:
+        LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=True)
+    except Exception as e:
+        print("STARTUP FAILED:", type(e).__name__, str(e))
+        sys.exit(3)
+    print("STARTED")
+"""
+
+
+def _start(model_dir: Path, tmp_path: Path) -> str:
+    script = tmp_path / "start.py"
+    script.write_text(STARTUP)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLLM_PLUGINS")}
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    r = subprocess.run([sys.executable, str(script), str(model_dir)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 3, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
+    return r.stdout + r.stderr
+
+
+def _copy(tiny: Path, dst: Path) -> Path:
+    shutil.copytree(tiny, dst)
+    return dst
+
+
+def test_engine_start_rejects_bad_layer_lists(tiny, tmp_path):
+    d = _copy(tiny, tmp_path / "bad_cfg")
+    c = json.loads((d / "config.json").read_text())
+    c["linear_attn_config"]["kda_layers"] = [1, 2, 3, 4]
+    (d / "config.json").write_text(json.dumps(c))
+    out = _start(d, tmp_path)
+    # vLLM's config dataclass wraps it: "1 validation error for VllmConfig / Value error, <ours>"
+    assert "STARTUP FAILED: ValidationError 1 validation error for VllmConfig" in out
+    assert ("Value error, Kimi Linear config.json: layer(s) [4] (1-based) are in both "
+            "linear_attn_config.kda_layers and full_attn_layers" in out), out[-4000:]
+
+
+def test_engine_start_names_missing_and_misshapen_tensors(tiny, tmp_path):
+    d = _copy(tiny, tmp_path / "bad_ckpt")
+    w = load_file(str(d / "model.safetensors"))
+    del w["model.layers.1.self_attn.g_b_proj.weight"]
+    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+    out = _start(d, tmp_path)
+    # the root cause is raised in the worker process and logged there; the engine then fails
+    assert ("tensor model.layers.1.self_attn.g_b_proj.weight is missing; expected shape (256, 64)"
+            in out), out[-4000:]
+    w["model.layers.1.self_attn.g_b_proj.weight"] = torch.zeros(256, 32)
+    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+    out = _start(d, tmp_path)
+    assert ("tensor model.layers.1.self_attn.g_b_proj.weight has shape (256, 32), but config.json "
+            "implies (256, 64)" in out), out[-4000:]

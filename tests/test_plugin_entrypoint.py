@@ -1,0 +1,50 @@
+"""The plugin is found through its `vllm.general_plugins` entry point, in a fresh process, exactly
+as vLLM's own processes load it; and it stays out when VLLM_PLUGINS leaves it out."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+PROBE = r"""
+import json, sys
+import vllm_kimi_linear
+assert "vllm" not in sys.modules, "importing the package must not import vLLM"
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+from vllm import ModelRegistry
+entry = ModelRegistry.models["KimiLinearForCausalLM"]
+print(json.dumps({"module": entry.module_name, "cls": entry.class_name}))
+"""
+
+
+def _probe(env_update):
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    env.update(env_update)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_entry_point_registers_our_model():
+    got = _probe({})
+    assert got == {"module": "vllm_kimi_linear.model", "cls": "KimiLinearForCausalLM"}
+
+
+def test_named_in_vllm_plugins_loads():
+    assert _probe({"VLLM_PLUGINS": "kimi_linear"})["module"] == "vllm_kimi_linear.model"
+
+
+def test_left_out_of_vllm_plugins_is_not_loaded():
+    got = _probe({"VLLM_PLUGINS": "lora_filesystem_resolver"})
+    assert not got["module"].startswith("vllm_kimi_linear"), got
+
+
+def test_register_is_reentrant():
+    code = ("import vllm_kimi_linear as p; p.register(); p.register()\n"
+            "from vllm import ModelRegistry\n"
+            "print(ModelRegistry.models['KimiLinearForCausalLM'].module_name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "vllm_kimi_linear.model"

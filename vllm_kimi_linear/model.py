@@ -1,0 +1,150 @@
+"""KimiLinearForCausalLM for vLLM: the decoder stack, the hybrid-state classmethods, and loading.
+
+This module owns how layers are assembled from config.json (1-based kda_layers /
+full_attn_layers; dense MLP before first_k_dense_replace, MoE after), the classmethods vLLM uses
+to size the KDA state pages (they must agree with KimiDeltaAttention.get_state_*), and weight
+loading from the published checkpoint names, with one clear error for a missing tensor or a
+wrong shape (checked against config.json before vLLM's loaders see the tensor).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.fused_moe import fused_moe_make_expert_params_mapping
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+
+from .config import (check_all_present, check_tensor, expected_checkpoint_shapes, is_kda, is_moe,
+                     raw_config, validate_config)
+from .layers.kda import KimiDeltaAttention, kda_state_dtype, kda_state_shape
+from .layers.mla import KimiMLAAttention
+from .layers.moe import KimiMLP, KimiMoE
+
+
+class KimiDecoderLayer(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, cfg: dict, i: int, prefix: str):
+        super().__init__()
+        c = vllm_config.model_config.hf_config
+        attn = KimiDeltaAttention if is_kda(cfg, i) else KimiMLAAttention
+        self.self_attn = attn(vllm_config, prefix=f"{prefix}.self_attn")
+        if is_moe(cfg, i):
+            self.block_sparse_moe = KimiMoE(vllm_config, prefix=f"{prefix}.block_sparse_moe")
+        else:
+            self.mlp = KimiMLP(c.hidden_size, c.intermediate_size, prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def forward(self, positions, hidden_states, residual):
+        # Pre-norm residual block; vLLM's RMSNorm(x, residual) fuses the add and returns both.
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(hidden_states=hidden_states, positions=positions)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return ffn(hidden_states), residual
+
+
+class KimiLinearModel(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, cfg: dict, prefix: str = "model"):
+        super().__init__()
+        c = vllm_config.model_config.hf_config
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size,
+                                                   prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(KimiDecoderLayer(vllm_config, cfg, i, f"{prefix}.layers.{i}")
+                                    for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def forward(self, input_ids, positions, inputs_embeds=None):
+        h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(positions, h, residual)
+        h, _ = self.norm(h, residual)
+        return h
+
+
+class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
+    # checkpoint name piece -> (our parameter name piece, shard id)
+    stacked_params = [(".gate_up_proj", ".gate_proj", 0), (".gate_up_proj", ".up_proj", 1)]
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        mc = vllm_config.model_config
+        self.cfg = raw_config(mc.hf_config, mc.model)
+        # Also checked by the config hook at start-up; repeated here for direct constructions.
+        from vllm.platforms import current_platform
+        validate_config(self.cfg, vllm_config.parallel_config.tensor_parallel_size,
+                        on_cpu=current_platform.is_cpu())
+        c = self.config = mc.hf_config
+        self.model = KimiLinearModel(vllm_config, self.cfg, prefix="model")
+        self.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size, prefix="lm_head")
+        if getattr(c, "tie_word_embeddings", False):
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(c.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        return self.model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    # ---- hybrid state: must match KimiDeltaAttention.get_state_shape / get_state_dtype
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
+        return kda_state_shape(vllm_config)
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
+        return kda_state_dtype(vllm_config)
+
+    @classmethod
+    def get_mamba_state_copy_func(cls):
+        return MambaStateCopyFuncCalculator.kda_state_copy_func()
+
+    # ---- weights
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        expected = expected_checkpoint_shapes(self.cfg)
+        params = dict(self.named_parameters())
+        experts = fused_moe_make_expert_params_mapping(self, ckpt_gate_proj_name="w1",
+                                                       ckpt_down_proj_name="w2",
+                                                       ckpt_up_proj_name="w3",
+                                                       num_experts=self.cfg["num_experts"])
+        seen: set[str] = set()
+        loaded: set[str] = set()
+        for name, w in weights:
+            if not check_tensor(expected, name, w.shape):
+                continue  # e.g. rotary_emb.inv_freq or MTP layers: not part of this model
+            seen.add(name)
+            loaded.add(self._load_one(params, experts, name, w))
+        check_all_present(expected, seen)
+        return loaded
+
+    def _load_one(self, params, experts, name: str, w: torch.Tensor) -> str:
+        for ours, ckpt, shard in self.stacked_params:
+            if ckpt in name:
+                target = name.replace(ckpt, ours)
+                params[target].weight_loader(params[target], w, shard)
+                return target
+        for ours, ckpt, expert_id, shard in experts:
+            if ckpt in name:
+                target = name.replace(ckpt, ours)
+                params[target].weight_loader(params[target], w, target, shard_id=shard,
+                                             expert_id=expert_id)
+                return target
+        p = params[name]
+        getattr(p, "weight_loader", default_weight_loader)(p, w)
+        return name
