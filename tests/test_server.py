@@ -2,15 +2,12 @@
 with the `openai` package. One server for the module (start-up takes a minute or two on 2 cores)."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import requests
+
+from tests.server_process import free_port, running_server, server_env
 
 openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,47 +16,17 @@ MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Name three colours of the sea at dawn."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from vllm_kimi_linear.builder import build_tiny_checkpoint
     model_dir = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLLM_PLUGINS")}
-    env.update(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1")
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen([str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED_NAME,
-                             "--max-model-len", "2048"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    port = free_port()
+    env = server_env(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
-            try:
-                if requests.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                log.seek(0)
-                pytest.fail(f"server not ready after 600 s:\n{log.read()[-4000:]}")
-            time.sleep(2)
+    cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED_NAME, "--max-model-len", "2048"]
+    with running_server(cmd, env, tmp_path_factory.mktemp("log") / "server.log",
+                        ready=lambda: requests.get(f"{base}/v1/models", timeout=2).status_code == 200):
         yield base, model_dir
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture(scope="module")

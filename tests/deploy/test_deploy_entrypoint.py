@@ -6,17 +6,15 @@ through the `openai` package. One server for the module; start-up takes a minute
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from deploy_helpers import DEPLOY, all_serve_arg_lists
+from tests.server_process import free_port, running_server, server_env
 
 openai = pytest.importorskip("openai")
 ENTRYPOINT = DEPLOY / "entrypoint.sh"
@@ -24,17 +22,10 @@ API_KEY = "test-key-123"
 START_TIMEOUT = 600  # seconds; server start is ~2 min on 2 cores
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLLM_PLUGINS", "VLLM_API_KEY")}
+    env = server_env(**extra)
     # the venv's `vllm` and `python3` first, as they are on the image's PATH
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env.update(extra)
     return env
 
 
@@ -51,38 +42,18 @@ def _cpu_image_args(model_dir: Path, port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("models") / "kimi-linear-tiny"
-    port = _free_port()
+    port = free_port()
     env = _env(KIMI_TINY_MODEL_DIR=str(model_dir), VLLM_API_KEY=API_KEY, KIMI_PORT=str(port),
                VLLM_CPU_KVCACHE_SPACE="1")
-    log_path = tmp_path_factory.mktemp("log") / "entrypoint.log"
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(["bash", str(ENTRYPOINT), "serve", *_cpu_image_args(model_dir, port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = ["bash", str(ENTRYPOINT), "serve", *_cpu_image_args(model_dir, port)]
 
-    def tail() -> str:
-        log.flush()
-        return log_path.read_text()[-5000:]
+    def ready() -> bool:  # the Kubernetes readiness probe's own command
+        return subprocess.run(["bash", str(ENTRYPOINT), "ready"], env=env, capture_output=True,
+                              timeout=30).returncode == 0
 
-    deadline = time.time() + START_TIMEOUT
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"entrypoint exited with {proc.returncode}:\n{tail()}")
-            ready = subprocess.run(["bash", str(ENTRYPOINT), "ready"], env=env, capture_output=True, timeout=30)
-            if ready.returncode == 0:
-                break
-            if time.time() > deadline:
-                pytest.fail(f"not ready after {START_TIMEOUT} s:\n{tail()}")
-            time.sleep(3)
+    with running_server(cmd, env, tmp_path_factory.mktemp("log") / "entrypoint.log", ready,
+                        timeout=START_TIMEOUT, poll=3.0):
         yield {"base": f"http://127.0.0.1:{port}", "port": port, "model_dir": model_dir}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
 
 
 def test_entrypoint_built_the_tiny_model(server):
@@ -119,7 +90,7 @@ def test_ready_role_fails_without_the_key(server):
 # --- roles that need no server ---------------------------------------------------------------
 
 def test_ready_role_fails_when_nothing_listens():
-    out = subprocess.run(["bash", str(ENTRYPOINT), "ready"], env=_env(KIMI_PORT=str(_free_port())),
+    out = subprocess.run(["bash", str(ENTRYPOINT), "ready"], env=_env(KIMI_PORT=str(free_port())),
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "not ready" in out.stderr
 
