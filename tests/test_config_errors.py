@@ -142,6 +142,19 @@ def _copy(tiny: Path, dst: Path) -> Path:
     return dst
 
 
+def test_checkpoint_check_reads_headers_only(tiny, tmp_path):
+    from vllm_kimi_linear.config import check_checkpoint, safetensors_shapes
+    cfg = json.loads((tiny / "config.json").read_text())
+    assert safetensors_shapes(tiny) == expected_checkpoint_shapes(cfg)
+    check_checkpoint(cfg, tiny)  # the builder's own checkpoint passes
+    d = _copy(tiny, tmp_path / "extra")
+    w = load_file(str(d / "model.safetensors"))
+    w["model.layers.0.mlp.up_proj.weight"] = w["model.layers.0.mlp.up_proj.weight"][:-1]
+    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(KimiLinearCheckpointError, match="tensor model.layers.0.mlp.up_proj.weight has shape"):
+        check_checkpoint(cfg, d)
+
+
 def test_engine_start_rejects_bad_layer_lists(tiny, tmp_path):
     d = _copy(tiny, tmp_path / "bad_cfg")
     c = json.loads((d / "config.json").read_text())
@@ -160,11 +173,11 @@ def test_engine_start_names_missing_and_misshapen_tensors(tiny, tmp_path):
     del w["model.layers.1.self_attn.g_b_proj.weight"]
     save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
     out = _start(d, tmp_path)
-    # the root cause is raised in the worker process and logged there; the engine then fails
-    assert ("tensor model.layers.1.self_attn.g_b_proj.weight is missing; expected shape (256, 64)"
-            in out), out[-4000:]
+    # checked from the safetensors headers in the front-end process: the caller gets our error
+    assert ("STARTUP FAILED: ValidationError" in out and "Kimi Linear checkpoint: tensor "
+            "model.layers.1.self_attn.g_b_proj.weight is missing; expected shape (256, 64)" in out), out[-4000:]
     w["model.layers.1.self_attn.g_b_proj.weight"] = torch.zeros(256, 32)
     save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
     out = _start(d, tmp_path)
-    assert ("tensor model.layers.1.self_attn.g_b_proj.weight has shape (256, 32), but config.json "
-            "implies (256, 64)" in out), out[-4000:]
+    assert ("STARTUP FAILED: ValidationError" in out and "tensor model.layers.1.self_attn.g_b_proj.weight "
+            "has shape (256, 32), but config.json implies (256, 64)" in out), out[-4000:]

@@ -200,6 +200,31 @@ def check_all_present(expected: dict[str, tuple[int, ...]], seen: set[str]) -> N
             f"{expected[missing[0]]} from config.json. Missing: {missing[:8]}")
 
 
+def safetensors_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of every *.safetensors file in a directory, from the file headers
+    alone (an 8-byte length, then JSON): no tensor data is read, so this is cheap at 48B."""
+    shapes = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        shapes |= {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    return shapes
+
+
+def check_checkpoint(cfg: dict, model_dir: str | Path) -> None:
+    """Every tensor the config implies is in the local checkpoint with the implied shape; else
+    one KimiLinearCheckpointError naming the tensor. Directories without safetensors (a hub id,
+    other formats) are left to the loader, which applies the same checks while loading."""
+    found = safetensors_shapes(model_dir) if Path(model_dir).is_dir() else {}
+    if not found:
+        return
+    expected = expected_checkpoint_shapes(cfg)
+    for name, shape in found.items():
+        check_tensor(expected, name, shape)
+    check_all_present(expected, set(found))
+
+
 def raw_config(hf_config, model_path: str | None = None) -> dict:
     """The config as published: config.json when the model is a local directory (so a missing
     field is seen as missing, not as a default filled in by the config class)."""
