@@ -1,0 +1,283 @@
+"""Capacity planner: how many long requests a Kimi Linear deployment holds, and what an all-MLA
+model of the same dimensions would hold.
+
+    python -m vllm_kimi_linear.planner                       # published config, TP=8, 80 GiB, 1M
+    python -m vllm_kimi_linear.planner --config DIR/config.json --tp 1 --kv-budget-gib 1 --json
+
+This module owns the arithmetic from a config dict to (a) weight bytes per GPU, counted tensor by
+tensor from `expected_checkpoint_shapes` and sharded the way our layers shard them, and (b) the
+KV cache pool exactly as vLLM 0.32 lays it out for a hybrid model, so that its token and
+concurrency figures equal vLLM's start-up line "KV cache size: N tokens, Maximum concurrency for
+L tokens per request: X" for the same budget (tests/test_planner.py starts vLLM to check):
+  * block size: the smallest multiple of 128 whose MLA page (block x 576 x dtype) covers one
+    KDA state (platforms/interface.py `_align_hybrid_block_size`); vLLM does this for our
+    model class (is_hybrid) even when every layer is MLA, so the all-MLA variant gets the same
+    block; KDA pages are padded to that page;
+  * groups: layers of each kind are split into groups of min(#MLA, #KDA) layers (the smaller
+    kind's count, or the larger when it is < 1.5x), the last group of a kind padded
+    (kv_cache_utils `_get_kv_cache_groups_uniform_page_size`); one block id = one page in every
+    layer of a group, so a pool block costs group_size x page bytes;
+  * per request at max_model_len: cdiv(len, block) blocks per MLA group + 1 block per KDA group
+    (mamba cache mode "none", what we run with prefix caching off);
+    concurrency = num_blocks / blocks per request, tokens = int(concurrency x max_model_len).
+The MLA latent (kv_lora_rank + qk_rope) is one shared head, replicated on every TP rank; the KDA
+state is split by heads. No vLLM import: pure arithmetic on plain dicts.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import expected_checkpoint_shapes, is_kda, validate_config
+
+GiB = 1024 ** 3
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+HYBRID_ALIGN = 128  # vLLM rounds a hybrid MLA model's block to a multiple of 128 tokens
+MLA_KERNEL_BLOCK = 16  # smallest MLA kernel block (CPU MLA; FlashMLA's 64 also divides 128)
+# Never sharded by TP: norms, low-rank down projections, the MLA latent projection, the router.
+REPLICATED = ("layernorm.weight", "model.norm.weight", "o_norm.weight", "f_a_proj.weight",
+              "g_a_proj.weight", "kv_a_proj_with_mqa.weight", "gate.weight",
+              "e_score_correction_bias")
+FP32_PARAMS = ("A_log", "dt_bias")  # kept in fp32 whatever the model dtype
+
+
+class PlannerError(ValueError):
+    """A planner argument that cannot describe a deployment; the message names it."""
+
+
+def published_config() -> dict:
+    """Kimi-Linear-48B-A3B-Instruct's config (the fields of kimi-linear.md's table)."""
+    kda = [i for i in range(1, 28) if i not in (4, 8, 12, 16, 20, 24, 27)]
+    return {"architectures": ["KimiLinearForCausalLM"], "model_type": "kimi_linear",
+            "hidden_size": 2304, "num_hidden_layers": 27, "vocab_size": 163840,
+            "intermediate_size": 9216, "num_attention_heads": 32, "q_lora_rank": None,
+            "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+            "v_head_dim": 128, "mla_use_nope": True, "num_experts": 256,
+            "num_experts_per_token": 8, "num_shared_experts": 1, "moe_intermediate_size": 1024,
+            "first_k_dense_replace": 1, "moe_layer_freq": 1, "moe_router_activation_func": "sigmoid",
+            "num_expert_group": 1, "routed_scaling_factor": 2.446, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False, "linear_attn_config": {
+                "num_heads": 32, "head_dim": 128, "short_conv_kernel_size": 4,
+                "kda_layers": kda, "full_attn_layers": [4, 8, 12, 16, 20, 24, 27]}}
+
+
+def all_mla(cfg: dict) -> dict:
+    """The same model with every layer MLA (the baseline the KV reduction is measured against)."""
+    c = copy.deepcopy(cfg)
+    c["linear_attn_config"]["kda_layers"] = []
+    c["linear_attn_config"]["full_attn_layers"] = list(range(1, cfg["num_hidden_layers"] + 1))
+    return c
+
+
+def pp_layers(num_layers: int, pp: int) -> list[range]:
+    """vLLM's default split (distributed/utils.get_pp_indices): the remainder goes to the stages
+    before the last one."""
+    parts = [num_layers // pp] * pp
+    for i in range(2, num_layers % pp + 2):
+        parts[-i] += 1
+    starts = [sum(parts[:i]) for i in range(pp)]
+    return [range(s, s + n) for s, n in zip(starts, parts)]
+
+
+def weight_bytes_per_gpu(cfg: dict, tp: int, dtype: str, layers: range | None = None,
+                         first: bool = True, last: bool = True) -> int:
+    """Bytes of the parameters one GPU holds: the layers of its stage, the embedding on the first
+    stage, the final norm and lm_head on the last; each tensor /tp unless in REPLICATED."""
+    total = 0
+    for name, shape in expected_checkpoint_shapes(cfg).items():
+        if name.startswith("model.layers."):
+            if layers is not None and int(name.split(".")[2]) not in layers:
+                continue
+        elif name.startswith("model.embed_tokens") and not first:
+            continue
+        elif not name.startswith("model.embed_tokens") and not last:
+            continue
+        n = math.prod(shape)
+        if not name.endswith(REPLICATED):
+            n //= tp
+        total += n * (4 if name.endswith(FP32_PARAMS) else DTYPE_BYTES[dtype])
+    return total
+
+
+def mla_bytes_per_token_layer(cfg: dict, dtype: str) -> int:
+    return (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * DTYPE_BYTES[dtype]
+
+
+def kda_state_bytes_layer(cfg: dict, tp: int, dtype: str) -> int:
+    """One KDA layer's state per request on one GPU: conv (K-1, 3*H*D/tp) in the model dtype plus
+    recurrent (H/tp, D, D) fp32 (vLLM MambaStateShapeCalculator.kda_state_shape)."""
+    lin = cfg["linear_attn_config"]
+    H, D, K = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
+    return (K - 1) * (3 * H * D // tp) * DTYPE_BYTES[dtype] + (H // tp) * D * D * 4
+
+
+@dataclass
+class Plan:
+    model: str  # "hybrid" or "all-MLA"
+    tp: int
+    pp: int
+    dtype: str
+    max_model_len: int
+    mla_layers: int  # on the stage that bounds capacity
+    kda_layers: int
+    weights_bytes_per_gpu: int  # the heaviest stage
+    kv_budget_bytes: int
+    block_size: int
+    page_bytes: int  # per layer per block, KDA pages padded to it
+    group_size: int
+    mla_groups: int
+    kda_groups: int
+    mla_bytes_per_token: int  # per GPU, all MLA layers of the stage
+    kda_state_bytes_per_request: int  # per GPU, unpadded
+    num_blocks: int
+    blocks_per_request: int
+    max_concurrency: float  # vLLM's "Maximum concurrency for max_model_len tokens per request"
+    kv_cache_tokens: int  # vLLM's "KV cache size: N tokens"
+    full_length_requests: int  # whole requests of max_model_len that fit at once
+
+
+def _stage_plan(cfg, tp, layers, budget, max_model_len, dtype):
+    n_mla = sum(not is_kda(cfg, i) for i in layers)
+    n_kda = len(layers) - n_mla
+    tok = mla_bytes_per_token_layer(cfg, dtype)
+    state = kda_state_bytes_layer(cfg, tp, dtype)
+    block = MLA_KERNEL_BLOCK
+    if n_mla:  # _align_hybrid_block_size: our model class is hybrid even with no KDA layer
+        block = max(block, HYBRID_ALIGN)
+        block = block * math.ceil(state / (block * tok))
+    page = block * tok if n_mla else state
+    counts = [n for n in (n_mla, n_kda) if n]
+    group = min(counts)
+    if max(counts) < 1.5 * group:
+        group = max(counts)
+    mla_groups, kda_groups = math.ceil(n_mla / group), math.ceil(n_kda / group)
+    num_blocks = budget // (group * page)
+    per_req = mla_groups * math.ceil(max_model_len / block) + kda_groups
+    return dict(mla_layers=n_mla, kda_layers=n_kda, block_size=block, page_bytes=page,
+                group_size=group, mla_groups=mla_groups, kda_groups=kda_groups,
+                mla_bytes_per_token=n_mla * tok, kda_state_bytes_per_request=n_kda * state,
+                num_blocks=num_blocks, blocks_per_request=per_req)
+
+
+def plan(cfg: dict, tp: int = 8, pp: int = 1, kv_budget_bytes: int | None = None,
+         max_model_len: int = 1048576, dtype: str = "bfloat16", gpu_mem_bytes: int = 80 * GiB,
+         gpu_memory_utilization: float = 0.92, overhead_bytes: int = 4 * GiB,
+         model: str = "hybrid") -> Plan:
+    """Capacity of one replica. kv_budget_bytes is the KV pool per GPU (vLLM's "Available KV cache
+    memory", or VLLM_CPU_KVCACHE_SPACE on CPU); when None it is estimated as
+    utilization x GPU memory - weights - overhead_bytes (activations of one step, CUDA graphs,
+    NCCL buffers: an assumption, 4 GiB as in deploy/capacity.py; read the real figure from
+    vLLM's "Available KV cache memory" line and pass it as kv_budget_bytes)."""
+    _check_args(cfg, tp, pp, kv_budget_bytes, max_model_len, dtype, gpu_mem_bytes,
+                gpu_memory_utilization)
+    if overhead_bytes < 0:
+        raise PlannerError(f"--overhead-gib must be >= 0, got {overhead_bytes / GiB:g}")
+    stages = pp_layers(cfg["num_hidden_layers"], pp)
+    weights = [weight_bytes_per_gpu(cfg, tp, dtype, r, i == 0, i == pp - 1)
+               for i, r in enumerate(stages)]
+    best = None
+    for r, w in zip(stages, weights):
+        budget = kv_budget_bytes if kv_budget_bytes is not None else \
+            int(gpu_memory_utilization * gpu_mem_bytes) - w - overhead_bytes
+        if budget <= 0:
+            raise PlannerError(f"weights need {w / GiB:.1f} GiB per GPU: no memory is left for the "
+                               "KV cache; raise --tp/--pp or --gpu-mem-gib")
+        s = _stage_plan(cfg, tp, r, budget, max_model_len, dtype)
+        s["kv_budget_bytes"] = budget
+        conc = s["num_blocks"] / s["blocks_per_request"]
+        if best is None or conc < best[0]:
+            best = (conc, s)
+    conc, s = best
+    return Plan(model=model, tp=tp, pp=pp, dtype=dtype, max_model_len=max_model_len,
+                weights_bytes_per_gpu=max(weights), max_concurrency=conc,
+                kv_cache_tokens=int(conc * max_model_len), full_length_requests=int(conc), **s)
+
+
+def _check_args(cfg, tp, pp, budget, max_model_len, dtype, gpu_mem, util):
+    if dtype not in DTYPE_BYTES:
+        raise PlannerError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    for name, v in (("--tp", tp), ("--pp", pp), ("--max-model-len", max_model_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise PlannerError(f"{name} must be a positive integer, got {v!r}")
+    if not 0 < util <= 1:
+        raise PlannerError(f"--gpu-memory-utilization must be in (0, 1], got {util}")
+    if budget is not None and budget <= 0:
+        raise PlannerError(f"--kv-budget-gib must be positive, got {budget / GiB:g}")
+    if budget is None and gpu_mem <= 0:
+        raise PlannerError(f"--gpu-mem-gib must be positive, got {gpu_mem / GiB:g}")
+    if pp > cfg["num_hidden_layers"]:
+        raise PlannerError(f"--pp {pp} exceeds num_hidden_layers={cfg['num_hidden_layers']}")
+    validate_config(cfg, tp_size=tp)  # TP must divide heads and intermediate sizes
+
+
+def load_config(path: str) -> dict:
+    if path == "published":
+        return published_config()
+    p = Path(path)
+    p = p / "config.json" if p.is_dir() else p
+    if not p.is_file():
+        raise PlannerError(f"--config {path}: no such file (give a config.json, a model "
+                           "directory, or 'published')")
+    return json.loads(p.read_text())
+
+
+def report(h: Plan, m: Plan) -> str:
+    def row(label, f):
+        return f"{label:<40} {f(h):>18} {f(m):>18}"
+    gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    mib = lambda b: f"{b / 2 ** 20:.2f} MiB"  # noqa: E731
+    lines = [f"TP={h.tp} PP={h.pp} dtype={h.dtype} max_model_len={h.max_model_len:,}",
+             f"{'':<40} {'hybrid':>18} {'all-MLA':>18}",
+             row("MLA / KDA layers (bounding stage)", lambda p: f"{p.mla_layers} / {p.kda_layers}"),
+             row("weights per GPU", lambda p: gib(p.weights_bytes_per_gpu)),
+             row("KV budget per GPU", lambda p: gib(p.kv_budget_bytes)),
+             row("MLA latent bytes/token/GPU", lambda p: f"{p.mla_bytes_per_token:,} B"),
+             row(f"MLA cache per {h.max_model_len:,}-token request",
+                 lambda p: gib(p.mla_bytes_per_token * p.max_model_len)),
+             row("KDA state per request per GPU", lambda p: mib(p.kda_state_bytes_per_request)),
+             row("block size (tokens) / page", lambda p: f"{p.block_size} / {p.page_bytes:,} B"),
+             row("pool blocks / blocks per request", lambda p: f"{p.num_blocks:,} / {p.blocks_per_request:,}"),
+             row("KV cache size (tokens)", lambda p: f"{p.kv_cache_tokens:,}"),
+             row("max concurrency at max_model_len", lambda p: f"{p.max_concurrency:.2f}x"),
+             row("concurrent full-length requests", lambda p: str(p.full_length_requests))]
+    ratio = h.mla_bytes_per_token / m.mla_bytes_per_token
+    lines.append(f"KV bytes per token: hybrid/all-MLA = {ratio:.3f} ({1 - ratio:.1%} less); "
+                 f"concurrency x{h.max_concurrency / m.max_concurrency:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="published", help="config.json, model dir, or 'published'")
+    ap.add_argument("--tp", type=int, default=8)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
+    ap.add_argument("--overhead-gib", type=float, default=4.0,
+                    help="activations/CUDA graphs/NCCL per GPU, subtracted when estimating")
+    ap.add_argument("--kv-budget-gib", type=float, default=None, help="KV pool per GPU (overrides)")
+    ap.add_argument("--max-model-len", type=int, default=1048576)
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        cfg = load_config(a.config)
+        budget = None if a.kv_budget_gib is None else int(a.kv_budget_gib * GiB)
+        kw = dict(tp=a.tp, pp=a.pp, kv_budget_bytes=budget, max_model_len=a.max_model_len,
+                  dtype=a.dtype, gpu_mem_bytes=int(a.gpu_mem_gib * GiB),
+                  gpu_memory_utilization=a.gpu_memory_utilization,
+                  overhead_bytes=int(a.overhead_gib * GiB))
+        h = plan(cfg, model="hybrid", **kw)
+        m = plan(all_mla(cfg), model="all-MLA", **kw)
+    except ValueError as e:
+        ap.exit(2, f"planner: error: {e}\n")
+    print(json.dumps({"hybrid": asdict(h), "all_mla": asdict(m)}, indent=2) if a.json else report(h, m))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
