@@ -14,6 +14,8 @@ if [ -z "${KIMI_MODEL:-}" ] && [ ! -f "$model/config.json" ]; then
 fi
 tp="${KIMI_TP:-1}"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
+# endpoint plugins (our /kimi-linear/state route and /metrics gauges) load only when named here
+export VLLM_PLUGINS="${VLLM_PLUGINS:-kimi_linear}"
 if [ "$tp" -gt 1 ] && [ -z "${VLLM_CPU_OMP_THREADS_BIND:-}" ]; then
   # one core per rank: vLLM CPU refuses to start TP>1 without an explicit binding here
   export VLLM_CPU_OMP_THREADS_BIND="$(seq -s '|' 0 $((tp - 1)))"

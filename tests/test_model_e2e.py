@@ -9,64 +9,33 @@ the conv window), several KDA chunks, and batches mixing decodes with new prefil
 """
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
+from tests.engine_util import greedy as _greedy
+from tests.engine_util import kimi_llm, prompt as _prompt, vllm_prompt_logprobs
 from tests.reference import kimi_linear_ref as ref
-from vllm_kimi_linear.builder import build_tiny_checkpoint
 
 MAX_NEW = 32
 LENGTHS = [3, 17, 64, 200]
 
 
-def _prompt(n: int, salt: int) -> list[int]:
-    # deterministic ids spread over the vocabulary, avoiding the special tokens at the end
-    return [(37 * j + 101 * salt + 7) % 1000 for j in range(n)]
+@pytest.fixture(scope="module")
+def reference(reference_model):
+    return reference_model
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("e2e") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    return ref.load(model_dir)
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir):
-    plugins = os.environ.get("VLLM_PLUGINS")
-    if plugins is not None and "kimi_linear" not in plugins.split(","):
-        pytest.skip("VLLM_PLUGINS excludes kimi_linear")
-    saved = {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "TRITON_INTERPRET")}
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    # conftest turns on Triton's interpreter for our kernel tests; vLLM must not see it
-    os.environ.pop("TRITON_INTERPRET", None)
-    from vllm import LLM
-    engine = LLM(model=str(model_dir), dtype="float32", max_model_len=1024, enforce_eager=True,
-                 max_num_seqs=3, seed=0)
-    yield engine
-    del engine
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def _greedy(max_tokens: int, **kw):
-    from vllm import SamplingParams
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+def llm(tiny_model_dir):
+    with kimi_llm(tiny_model_dir, max_model_len=1024, max_num_seqs=3) as engine:
+        yield engine
 
 
 def test_engine_uses_our_model(llm):
     cfg = llm.llm_engine.vllm_config
     assert cfg.model_config.architecture == "KimiLinearForCausalLM"
     assert cfg.model_config.is_hybrid and cfg.model_config.use_mla
-    assert cfg.cache_config.enable_prefix_caching is False  # on CPU, for now
+    # vLLM CPU turns both off for MLA models; the plugin keeps them (vllm_kimi_linear.cpu_platform)
+    assert cfg.cache_config.enable_prefix_caching and cfg.scheduler_config.enable_chunked_prefill
 
 
 def test_greedy_matches_reference(llm, reference):
@@ -80,8 +49,7 @@ def test_prompt_logprobs_match_reference(llm, reference):
     prompts = [_prompt(n, salt=10 + i) for i, n in enumerate(LENGTHS)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], _greedy(1, prompt_logprobs=0))
     for p, o in zip(prompts, outs):
-        assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(p)
-        got = torch.tensor([o.prompt_logprobs[t][p[t]].logprob for t in range(1, len(p))])
+        got = vllm_prompt_logprobs(o, p)
         want = ref.prompt_logprobs(reference, p)
         assert (got - want).abs().max().item() < 1e-3, len(p)
 

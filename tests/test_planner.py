@@ -1,6 +1,7 @@
 """The capacity planner (vllm_kimi_linear/planner.py).
 
-1. Against vLLM itself: for the tiny hybrid and the tiny all-MLA checkpoints, vLLM's start-up line
+1. Against vLLM itself: for the tiny hybrid and the tiny all-MLA checkpoints (vLLM's defaults, so
+   prefix caching on: the KDA state in "align" mode), vLLM's start-up line
    "CPU KV cache size: N tokens, Maximum concurrency for L tokens per request: X" (float32,
    VLLM_CPU_KVCACHE_SPACE=1) must equal the planner's numbers for a 1 GiB budget. Both engines
    start in subprocesses (their own logs, no state left in this process), side by side.
@@ -88,7 +89,10 @@ def test_published_numbers_tp8():
     # hybrid block: smallest multiple of 128 with 128*1152*k >= one KDA layer state (271,360 B)
     assert (h.block_size, h.page_bytes) == (256, 256 * 1152)
     assert (h.group_size, h.mla_groups, h.kda_groups) == (7, 1, 3)
-    assert h.blocks_per_request == 1048576 // 256 + 3
+    # prefix caching (vLLM's default) keeps 2 KDA state blocks per group per request, else 1
+    assert h.blocks_per_request == 1048576 // 256 + 2 * 3
+    off = planner.plan(cfg, tp=8, kv_budget_bytes=60 * GiB, prefix_caching=False)
+    assert off.blocks_per_request == 1048576 // 256 + 3
     m = planner.plan(planner.all_mla(cfg), tp=8, kv_budget_bytes=60 * GiB)
     assert m.mla_bytes_per_token == 576 * 2 * 27
     assert m.kda_state_bytes_per_request == 0

@@ -20,6 +20,9 @@ def register() -> None:
     from .hooks import KimiLinearConfigHook
     MODELS_CONFIG_MAP[ARCH] = KimiLinearConfigHook
 
+    from . import state_manager
+    state_manager.install()  # the layout log line and the engine-core utility the route reads
+
     # config.json's model_type "kimi_linear" already maps to vLLM's KimiLinearConfig (no
     # trust_remote_code needed); our own checks run in the hook above.
     from vllm.platforms import current_platform
@@ -28,3 +31,5 @@ def register() -> None:
         register_backend(AttentionBackendEnum.CPU_MLA, "vllm_kimi_linear.cpu_mla.CPUMLAAnyBlock")
         from .cpu_mla import install_runner_fix
         install_runner_fix()  # vLLM zeroes new blocks at the wrong place once MLA blocks are split
+        from . import cpu_platform
+        cpu_platform.install()  # chunked prefill + prefix caching, which vLLM CPU drops for MLA

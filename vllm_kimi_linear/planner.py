@@ -17,8 +17,9 @@ L tokens per request: X" for the same budget (tests/test_planner.py starts vLLM 
     kind's count, or the larger when it is < 1.5x), the last group of a kind padded
     (kv_cache_utils `_get_kv_cache_groups_uniform_page_size`); one block id = one page in every
     layer of a group, so a pool block costs group_size x page bytes;
-  * per request at max_model_len: cdiv(len, block) blocks per MLA group + 1 block per KDA group
-    (mamba cache mode "none", what we run with prefix caching off);
+  * per request at max_model_len: cdiv(len, block) blocks per MLA group, plus per KDA group 2
+    blocks with prefix caching (vLLM's default; mamba cache mode "align": the running state and
+    the one carried over a block boundary) or 1 without (mode "none");
     concurrency = num_blocks / blocks per request, tokens = int(concurrency x max_model_len).
 The MLA latent (kv_lora_rank + qk_rope) is one shared head, replicated on every TP rank; the KDA
 state is split by heads. No vLLM import: pure arithmetic on plain dicts.
@@ -131,6 +132,7 @@ class Plan:
     group_size: int
     mla_groups: int
     kda_groups: int
+    prefix_caching: bool  # KDA groups in "align" mode: 2 resident state blocks per request
     mla_bytes_per_token: int  # per GPU, all MLA layers of the stage
     kda_state_bytes_per_request: int  # per GPU, unpadded
     num_blocks: int
@@ -140,7 +142,7 @@ class Plan:
     full_length_requests: int  # whole requests of max_model_len that fit at once
 
 
-def _stage_plan(cfg, tp, layers, budget, max_model_len, dtype):
+def _stage_plan(cfg, tp, layers, budget, max_model_len, dtype, prefix_caching):
     n_mla = sum(not is_kda(cfg, i) for i in layers)
     n_kda = len(layers) - n_mla
     tok = mla_bytes_per_token_layer(cfg, dtype)
@@ -156,9 +158,10 @@ def _stage_plan(cfg, tp, layers, budget, max_model_len, dtype):
         group = max(counts)
     mla_groups, kda_groups = math.ceil(n_mla / group), math.ceil(n_kda / group)
     num_blocks = budget // (group * page)
-    per_req = mla_groups * math.ceil(max_model_len / block) + kda_groups
+    per_req = mla_groups * math.ceil(max_model_len / block) + kda_groups * (2 if prefix_caching else 1)
     return dict(mla_layers=n_mla, kda_layers=n_kda, block_size=block, page_bytes=page,
                 group_size=group, mla_groups=mla_groups, kda_groups=kda_groups,
+                prefix_caching=prefix_caching,
                 mla_bytes_per_token=n_mla * tok, kda_state_bytes_per_request=n_kda * state,
                 num_blocks=num_blocks, blocks_per_request=per_req)
 
@@ -166,7 +169,7 @@ def _stage_plan(cfg, tp, layers, budget, max_model_len, dtype):
 def plan(cfg: dict, tp: int = 8, pp: int = 1, kv_budget_bytes: int | None = None,
          max_model_len: int = 1048576, dtype: str = "bfloat16", gpu_mem_bytes: int = 80 * GiB,
          gpu_memory_utilization: float = 0.92, overhead_bytes: int = 4 * GiB,
-         model: str = "hybrid") -> Plan:
+         model: str = "hybrid", prefix_caching: bool = True) -> Plan:
     """Capacity of one replica. kv_budget_bytes is the KV pool per GPU (vLLM's "Available KV cache
     memory", or VLLM_CPU_KVCACHE_SPACE on CPU); when None it is estimated as
     utilization x GPU memory - weights - overhead_bytes (activations of one step, CUDA graphs,
@@ -186,7 +189,7 @@ def plan(cfg: dict, tp: int = 8, pp: int = 1, kv_budget_bytes: int | None = None
         if budget <= 0:
             raise PlannerError(f"weights need {w / GiB:.1f} GiB per GPU: no memory is left for the "
                                "KV cache; raise --tp/--pp or --gpu-mem-gib")
-        s = _stage_plan(cfg, tp, r, budget, max_model_len, dtype)
+        s = _stage_plan(cfg, tp, r, budget, max_model_len, dtype, prefix_caching)
         s["kv_budget_bytes"] = budget
         conc = s["num_blocks"] / s["blocks_per_request"]
         if best is None or conc < best[0]:
@@ -262,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-budget-gib", type=float, default=None, help="KV pool per GPU (overrides)")
     ap.add_argument("--max-model-len", type=int, default=1048576)
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="plan for `vllm serve --no-enable-prefix-caching` (1 KDA block per group)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     try:
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         kw = dict(tp=a.tp, pp=a.pp, kv_budget_bytes=budget, max_model_len=a.max_model_len,
                   dtype=a.dtype, gpu_mem_bytes=int(a.gpu_mem_gib * GiB),
                   gpu_memory_utilization=a.gpu_memory_utilization,
-                  overhead_bytes=int(a.overhead_gib * GiB))
+                  overhead_bytes=int(a.overhead_gib * GiB), prefix_caching=not a.no_prefix_caching)
         h = plan(cfg, model="hybrid", **kw)
         m = plan(all_mla(cfg), model="all-MLA", **kw)
     except ValueError as e:

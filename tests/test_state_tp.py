@@ -1,0 +1,109 @@
+"""Tensor parallelism on CPU (issue #4): the tiny model at TP=2 against the reference.
+
+One engine: TP=2 (two worker processes, one core each, gloo), float32, prefix caching off (KDA
+state in mode "none"), chunked prefill in chunks of 100 tokens. What each rank holds is read from
+the workers; the outputs must equal the independent reference forward, which is what TP=1 gives
+(tests/test_model_e2e.py): same greedy tokens, prompt logprobs within 1e-3. Aborted requests,
+even mid-prefill, release every KDA slot and MLA block.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.engine_util import (assert_nothing_held, check_long_prompt, greedy, kimi_llm, prompt,
+                               shard_report, state, vllm_prompt_logprobs)
+from tests.reference import kimi_linear_ref as ref
+from vllm_kimi_linear import planner
+
+TP = 2
+CHUNK = 100
+MAX_LEN = 4096
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    with kimi_llm(tiny_model_dir, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1",
+                                                  # collective_rpc(shard_report) pickles a function
+                                                  "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}, tensor_parallel_size=TP,
+                  max_model_len=MAX_LEN, max_num_seqs=4, enable_prefix_caching=False,
+                  enable_chunked_prefill=True, max_num_batched_tokens=CHUNK) as engine:
+        yield engine
+
+
+@pytest.fixture(autouse=True)
+def nothing_held_after(llm):
+    yield
+    assert_nothing_held(llm)
+
+
+def test_each_rank_holds_its_shard(llm, tiny_model_dir):
+    c = planner.load_config(str(tiny_model_dir))
+    H, D = c["linear_attn_config"]["num_heads"], c["linear_attn_config"]["head_dim"]
+    n, nope, rope, v = (c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
+                        c["v_head_dim"])
+    reports = sorted(llm.collective_rpc(shard_report), key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == list(range(TP))
+    for r in reports:
+        # KDA by head; the low-rank f_a/g_a down projections replicated
+        assert (r["kda_heads"], r["kda_A_log"], r["kda_dt_bias"]) == (H // TP, (H // TP,), (H * D // TP,))
+        assert r["kda_conv"][0] == r["kda_q_out"] == r["kda_f_b_out"] == r["kda_o_in"] == H * D // TP
+        assert (r["kda_f_a_out"], r["kda_g_a_out"]) == (D, D)
+        # MLA by head; the latent projection replicated
+        assert r["mla_q_out"] == n * (nope + rope) // TP
+        assert r["mla_kv_b_out"] == n * (nope + v) // TP and r["mla_o_in"] == n * v // TP
+        assert r["mla_kv_a_out"] == c["kv_lora_rank"] + rope
+        # MoE: every expert on every rank, its intermediate dimension split (tensor-parallel)
+        assert r["moe_local_experts"] == c["num_experts"]
+        assert r["moe_intermediate"] == c["moe_intermediate_size"] // TP
+        # vocabulary-parallel embedding and head
+        assert r["embed_rows"] == r["lm_head_rows"] >= c["vocab_size"] // TP
+        assert r["embed_rows"] * TP < c["vocab_size"] + 64 * TP
+
+
+def test_layout_halves_the_kda_state_per_rank(llm, tiny_model_dir):
+    layout = state(llm)["layout"]
+    cfg = planner.load_config(str(tiny_model_dir))
+    p = planner.plan(cfg, tp=TP, kv_budget_bytes=planner.GiB, max_model_len=MAX_LEN,
+                     dtype="float32", prefix_caching=False)
+    p1 = planner.plan(cfg, tp=1, kv_budget_bytes=planner.GiB, max_model_len=MAX_LEN,
+                      dtype="float32", prefix_caching=False)
+    assert layout["kda_state_cache_mode"] == "none"
+    assert layout["kda_slot_bytes"] == p.kda_state_bytes_per_request < p1.kda_state_bytes_per_request
+    assert layout["mla_bytes_per_token"] == p.mla_bytes_per_token == p1.mla_bytes_per_token
+    assert (layout["num_blocks"], layout["blocks_per_request"]) == (p.num_blocks, p.blocks_per_request)
+
+
+def test_tp2_greedy_and_logprobs_equal_the_reference(llm, reference_model):
+    prompts = [prompt(n, salt=30 + i) for i, n in enumerate((4, 33, 150, 410))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(16, prompt_logprobs=0),
+                        use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert list(o.outputs[0].token_ids) == ref.greedy_generate(reference_model, p, 16), len(p)
+        err = (vllm_prompt_logprobs(o, p) - ref.prompt_logprobs(reference_model, p)).abs().max()
+        assert err.item() < 1e-3, len(p)
+
+
+def test_long_prompt_in_chunks_of_100_equals_one_piece(llm, long_prompt_expected):
+    check_long_prompt(llm, long_prompt_expected)
+
+
+def test_abort_mid_prefill_and_mid_decode_releases_everything(llm, reference_model):
+    engine = llm.llm_engine
+    ids = {f"abort-{i}": prompt(n, salt=80 + i) for i, n in enumerate((900, 1200, 5))}
+    for rid, p in ids.items():
+        engine.add_request(rid, {"prompt_token_ids": p}, greedy(200))
+    for _ in range(3):  # 100 tokens a step: the first prompt is mid-prefill, the rest wait
+        engine.step()
+    held = state(llm)["usage"]
+    assert held["running_requests"] >= 1 and held["kda_slots_in_use"] > 0 and held["mla_blocks_in_use"] > 0
+    engine.abort_request(list(ids))
+    deadline = time.time() + 60
+    while engine.has_unfinished_requests() and time.time() < deadline:
+        engine.step()
+    assert_nothing_held(llm)
+    # the released slots and blocks serve a new request exactly
+    p = prompt(300, salt=90)
+    out = llm.generate([{"prompt_token_ids": p}], greedy(8), use_tqdm=False)[0]
+    assert list(out.outputs[0].token_ids) == ref.greedy_generate(reference_model, p, 8)
