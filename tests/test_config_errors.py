@@ -118,7 +118,8 @@ import sys
 from vllm import LLM
 if __name__ == "__main__":
     try:
-        LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=True)
+        LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=True,
+            tensor_parallel_size=int(sys.argv[2]))
     except Exception as e:
         print("STARTUP FAILED:", type(e).__name__, str(e))
         sys.exit(3)
@@ -126,12 +127,12 @@ if __name__ == "__main__":
 """
 
 
-def _start(model_dir: Path, tmp_path: Path) -> str:
+def _start(model_dir: Path, tmp_path: Path, tp: int = 1) -> str:
     script = tmp_path / "start.py"
     script.write_text(STARTUP)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLLM_PLUGINS")}
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    r = subprocess.run([sys.executable, str(script), str(model_dir)], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, str(script), str(model_dir), str(tp)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 3, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
     return r.stdout + r.stderr
@@ -181,3 +182,9 @@ def test_engine_start_names_missing_and_misshapen_tensors(tiny, tmp_path):
     out = _start(d, tmp_path)
     assert ("STARTUP FAILED: ValidationError" in out and "tensor model.layers.1.self_attn.g_b_proj.weight "
             "has shape (256, 32), but config.json implies (256, 64)" in out), out[-4000:]
+
+
+def test_engine_start_rejects_a_tp_size_that_does_not_divide_the_heads(tiny, tmp_path):
+    out = _start(tiny, tmp_path, tp=3)
+    assert "STARTUP FAILED: ValidationError" in out
+    assert "not divisible by the tensor-parallel size 3" in out, out[-4000:]
