@@ -71,3 +71,37 @@ def test_streamed_equals_unstreamed(client):
     assert text == whole.choices[0].message.content
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
     assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def _gauges(base: str) -> dict[str, float]:
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("kimi_linear_")}
+
+
+def test_state_route_and_metrics_follow_the_requests(client, server):
+    base = server[0]
+    s = requests.get(f"{base}/kimi-linear/state", timeout=10).json()
+    layout = s["layout"]
+    assert layout["block_size"] == 128 and layout["kda_state_cache_mode"] == "align"
+    assert layout["kda_slot_bytes"] > 0 and layout["mla_bytes_per_token"] == (512 + 64) * 4
+    long_messages = [{"role": "user", "content": "tide pools and kelp " * 150}]
+    # stream slowly enough to look while the request holds its state
+    stream = client.chat.completions.create(model=SERVED_NAME, messages=long_messages, max_tokens=64,
+                                            temperature=0, stream=True)
+    next(iter(stream))
+    during = _gauges(base)
+    assert during["kimi_linear_kda_slots_in_use"] > 0 and during["kimi_linear_mla_blocks_in_use"] > 0
+    for _ in stream:
+        pass
+    # vLLM keeps a KDA checkpoint inside a prompt once the prompt is seen again (it pins the
+    # junction then), so the third identical request is the first to hit
+    for _ in range(2):
+        client.chat.completions.create(model=SERVED_NAME, messages=long_messages, max_tokens=4,
+                                       temperature=0)
+    after = _gauges(base)
+    assert after["kimi_linear_kda_slots_in_use"] == after["kimi_linear_mla_blocks_in_use"] == 0
+    assert after["kimi_linear_blocks_free"] == after["kimi_linear_blocks_total"] - 1  # vLLM's null block
+    assert after["kimi_linear_blocks_cached"] > 0 and after["kimi_linear_prefix_hit_rate"] > 0
+    usage = requests.get(f"{base}/kimi-linear/state", timeout=10).json()["usage"]
+    assert usage["prefix_hits"] > 0 and usage["prefix_hits"] % 128 == 0  # whole blocks
