@@ -22,7 +22,10 @@
 #   RAY_PORT              Ray GCS port (default 6379)
 #   KIMI_RAY_TIMEOUT      seconds the leader waits for all workers / a worker retries (default 900)
 #   LWS_GROUP_SIZE, LWS_LEADER_ADDRESS   injected by the LeaderWorkerSet controller
+#   VLLM_PLUGINS          default kimi_linear: vLLM loads endpoint plugins only when named, and
+#                         that name also enables our /kimi-linear/state route and /metrics gauges
 set -euo pipefail
+export VLLM_PLUGINS="${VLLM_PLUGINS:-kimi_linear}"
 
 role="${1:-serve}"
 [ $# -gt 0 ] && shift
