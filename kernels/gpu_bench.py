@@ -2,7 +2,7 @@
 
 One run does everything (the GPU machine is lent by the minute):
 
-    python -m kernels.gpu_bench --out DIR [--sections ceilings,check,prefill,decode,mla]
+    python -m kernels.gpu_bench --out DIR [--sections ceilings,check,tune,profile,prefill,decode,mla]
 
 1. ceilings: device-to-device copy bandwidth and a bf16 8192^3 matmul on random data.
 2. check:    our `chunk_kda` / `fused_recurrent_kda` (Triton) against fla-core's Triton kernels and
@@ -10,7 +10,11 @@ One run does everything (the GPU machine is lent by the minute):
              fla-core's naive references; fla's naive recurrence too at small T): bf16 inputs,
              fp32 states, T up to 64K, varlen batches, decode on a pool with scattered and padded
              slot indices, fp32 inputs.
-3. prefill:  median time (triton.testing.do_bench) at T in {4K, 32K, 128K, 1M}, H=32, K=V=128.
+3. tune:     block shapes of our chunk kernels at T=128K, one kernel's options at a time; the best
+             combination becomes the default for the rest of the run (the chosen values are
+             recorded in the JSON and copied into `triton_chunk.DEFAULTS` by hand).
+   profile:  per-kernel CUDA time of one prefill at T=128K, ours and fla's; registers and spills.
+   prefill:  median time (triton.testing.do_bench) at T in {4K, 32K, 128K, 1M}, H=32, K=V=128.
 4. decode:   one token per request on a state pool, batch 1..256; achieved bandwidth counts the
              state read and written once.
 5. mla:      MLA attention of the published dimensions (32 heads, latent 512 + rope 64, NoPE):
@@ -256,21 +260,35 @@ def decode(batches, H):
     RESULTS["decode"] = rows
 
 
+def kernel_report(fn):
+    """Registers, spills and shared memory of every compiled version of a Triton kernel (through
+    autotuner / heuristics wrappers; their chosen config too)."""
+    best = None
+    while not hasattr(fn, "device_caches") and hasattr(fn, "fn"):
+        best = best or getattr(fn, "best_config", None)
+        fn = fn.fn
+    out = []
+    for caches in getattr(fn, "device_caches", {}).values():
+        for ker in caches[0].values():
+            try:
+                ker._init_handles()
+                out.append({"warps": ker.metadata.num_warps, "stages": ker.metadata.num_stages,
+                            "regs": ker.n_regs, "spills": ker.n_spills, "shared": ker.metadata.shared})
+            except Exception as e:  # noqa: BLE001
+                out.append({"error": str(e)[:100]})
+    return {"best_config": str(best), "compiled": out}
+
+
 @section("profile")
-def profile(T, H):
-    """Per-kernel CUDA time of one prefill, ours and fla's, and a sweep of the state pass's BV."""
+def profile(T, H, cfgs=({},)):
+    """Per-kernel CUDA time of one prefill, ours (each config) and fla's; registers and spills."""
     from fla.ops.kda import chunk_kda as fla_chunk
-    from kernels.kda.triton_chunk import chunk_kda_triton
+    from kernels.kda import triton_chunk
     q, k, v, g, beta, _ = inputs(T, H)
-    sweep = {}
-    for bv in (32, 64):
-        for st in (2, 3):
-            sweep[f"bv={bv},stages={st}"] = bench(lambda: chunk_kda_triton(q, k, v, g, beta, state_bv=bv,
-                                                                            state_stages=st))
-    RESULTS["prefill_state_sweep_ms"] = sweep
-    print("state-pass sweep (ms):", sweep, flush=True)
     out = {}
-    for name, fn in (("ours", lambda: chunk_kda(q, k, v, g, beta)), ("fla", lambda: fla_chunk(q, k, v, g, beta))):
+    runs = [(f"ours {c}", lambda c=c: triton_chunk.chunk_kda_triton(q, k, v, g, beta, **c)) for c in cfgs]
+    runs.append(("fla", lambda: fla_chunk(q, k, v, g, beta)))
+    for name, fn in runs:
         fn()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -283,7 +301,64 @@ def profile(T, H):
                 per[e.key[:60]] = t / 1e3
         out[name] = dict(sorted(per.items(), key=lambda kv: -kv[1]))
         print(name, {k_: round(v_, 3) for k_, v_ in out[name].items()}, flush=True)
+    regs = {}
+    for kname in ("_diag_kernel", "_solve_kernel", "_wu_kernel", "_state_kernel", "_output_kernel", "_cumsum_kernel"):
+        regs[kname] = kernel_report(getattr(triton_chunk, kname))
+    try:
+        import fla.ops.kda.chunk_intra as fci
+        import fla.ops.kda.chunk_intra_token_parallel as fct
+        import fla.ops.kda.wy_fast as fwy
+        regs["fla_inter_solve"] = kernel_report(fci.chunk_kda_fwd_kernel_inter_solve_fused)
+        regs["fla_token_parallel"] = kernel_report(fct.chunk_kda_fwd_kernel_intra_token_parallel)
+        regs["fla_recompute_w_u"] = kernel_report(fwy.recompute_w_u_fwd_kda_kernel)
+    except Exception as e:  # noqa: BLE001
+        regs["fla_error"] = str(e)[:200]
+    for kname, r in regs.items():
+        print(kname, r, flush=True)
     RESULTS["profile_ms"] = {"T": T, "H": H, **out}
+    RESULTS["kernel_resources"] = regs
+
+
+@section("tune")
+def tune(T, H):
+    """Block shapes of our chunk kernels at one length, one kernel's options at a time (whole-call
+    time, output distance from fla's: a broken variant shows as a large distance); the best of
+    each group are then combined, timed, and become the defaults for the rest of this run."""
+    from fla.ops.kda import chunk_kda as fla_chunk
+    from kernels.kda import triton_chunk
+    from kernels.kda.triton_chunk import chunk_kda_triton
+    q, k, v, g, beta, h0 = inputs(T, H)
+    fo, fs = fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    groups = {
+        "diag": [dict(diag_bh=a, diag_warps=b) for a, b in ((2, 1), (4, 1), (4, 2), (8, 2))],
+        "solve": [dict(solve_bk=a, solve_warps=b) for a, b in ((16, 1), (16, 2), (32, 1))],
+        "wu": [dict(wu_bk=a, wu_bv=b, wu_warps=c, wu_stages=d) for a, b, c, d in (
+            (32, 128, 4, 3), (32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (128, 128, 8, 2))],
+        "state": [dict(state_bv=32, state_stages=a) for a in (3, 4)],
+    }
+    def measure(cfg):
+        try:
+            o, s = chunk_kda_triton(q, k, v, g, beta, initial_state=h0, output_final_state=True, **cfg)
+            ms = bench(lambda: chunk_kda_triton(q, k, v, g, beta, **cfg), 100)
+            row = {"cfg": cfg, "ms": ms, "o_vs_fla": rel(o, fo), "state_vs_fla": rel(s, fs)}
+        except Exception as e:  # a shape the compiler refuses
+            row = {"cfg": cfg, "ms": float("inf"), "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        print(row, flush=True)
+        return row
+
+    rows, best = [], {}
+    for name, variants in groups.items():
+        got = [measure(c) for c in variants]
+        rows += got
+        ok = [r for r in got if r["ms"] < float("inf") and r.get("o_vs_fla", 1) < 5e-3]
+        if ok and name != "prec":
+            best.update(min(ok, key=lambda r: r["ms"])["cfg"])
+    combined = measure(best)
+    if combined["ms"] < float("inf") and combined["o_vs_fla"] < 5e-3:
+        triton_chunk.DEFAULTS.update(best)
+    RESULTS["tune"] = {"T": T, "H": H, "fla_ms": bench(lambda: fla_chunk(q, k, v, g, beta), 100), "rows": rows,
+                       "combined": combined, "defaults_now": dict(triton_chunk.DEFAULTS)}
+    print("fla ms", RESULTS["tune"]["fla_ms"], "combined", combined, flush=True)
 
 
 @section("mla")
@@ -348,8 +423,9 @@ def main(argv=None):
     todo = args.sections.split(",")
     path = os.path.join(args.out, "gpu_results.json")
     for name, run in (("ceilings", lambda: ceilings()), ("check", lambda: check()),
-                      ("profile", lambda: profile(131072, args.heads)),
+                      ("tune", lambda: tune(131072, args.heads)),
                       ("prefill", lambda: prefill(args.lengths, args.heads)),
+                      ("profile", lambda: profile(131072, args.heads)),
                       ("decode", lambda: decode(args.batches, args.heads)),
                       ("mla", lambda: mla(args.lengths, args.heads))):
         if name in todo:

@@ -1,19 +1,26 @@
-"""Triton chunked KDA prefill (forward only), in five launches over chunks of 64 tokens.
+"""Triton chunked KDA prefill (forward only), in six launches over chunks of 64 tokens.
 
-The algebra is the one in `kernels/kda/cpu.py` (UT transform, then a state pass):
+The algebra is the one in `kernels/kda/cpu.py` (UT transform, then a state pass); the intra-chunk
+stage follows fla-core's structure (token-parallel diagonal blocks, off-diagonal blocks fused with
+the triangular solve, then w and u), with our own state and output passes:
   1. `_cumsum_kernel`  per chunk: gc = cumulative log-decay inside the chunk (fp32).
-  2. `_intra_kernel`   per chunk: Aqk (s <= t) and beta*Akk (s < t) from 16x16 blocks. Off-diagonal
-                       blocks are one dot each, both factors taken relative to the block row's first
-                       token. `_intra_diag_kernel`, one program per diagonal block: exactly
-                       pairwise, row by row. Exponents are clamped at 0,
-                       a no-op for valid entries (all <= 0) that keeps padded rows finite.
-  3. `_solve_kernel`   per chunk: X = (I + beta*Akk)^-1 (16x16 diagonal blocks by forward
-                       substitution, merged by dots), w = X (beta e^gc k), u = X (beta v), and
-                       kend = k e^(gc_C - gc), e^gc_C for the state pass.
-  4. `_state_kernel`   per sequence and V-block, sequential over its chunks: stores the state
+  2. `_diag_kernel`    per token and pair of heads: row t of its diagonal 16x16 block of Aqk and
+                       beta*Akk, exactly pairwise: walking s = t, t-1, ... back to the block's
+                       first token, gc_t - gc_s is summed from g on the way (every exponent <= 0).
+  3. `_solve_kernel`   per chunk: the off-diagonal blocks (one dot each, both factors relative to
+                       the last token of the block before: exponents <= 0), stored for Aqk and kept
+                       in registers for Akk; then Ai = (I + beta Akk)^-1 (diagonal blocks by forward
+                       substitution, merged by dots).
+  4. `_wu_kernel`      per chunk: w = Ai (beta e^gc k), u = Ai (beta v), kend = k e^(gc_C - gc),
+                       qg = q e^gc scale, e^gc_C.
+  5. `_state_kernel`   per sequence and V-block, sequential over its chunks: stores the state
                        entering each chunk, v_new = u - w S (over u), and S = e^gc_C S + kendᵀ v_new.
-  5. `_output_kernel`  per chunk and V-block: o = (q e^gc) S + Aqk v_new.
-Intermediates are fp32 (the per-chunk states h: the input dtype for bf16/fp16 inputs). Dots on fp32 inputs use exact fp32 ('ieee'); on bf16/fp16 inputs, tf32.
+  6. `_output_kernel`  per chunk and V-block: o = qg S + Aqk v_new.
+Intermediates between launches are in the input dtype (bf16 for bf16 inputs, as fla keeps them),
+except gc and the diagonal blocks of Akk (fp32). Dots on fp32 inputs use exact fp32 ('ieee'); on
+bf16/fp16 inputs the decay products and the solve use tf32, the rest bf16 operands with fp32
+accumulation. Chunk bounds are computed in the kernels for fixed-length batches and read from a
+(cached) layout for packed sequences.
 """
 from __future__ import annotations
 
@@ -40,201 +47,233 @@ def _dot(a, b, LOWP: tl.constexpr):
 
 
 @triton.jit
-def _cumsum_kernel(g, gc, chunk_start, chunk_end, H: tl.constexpr, K: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr):
+def _bounds(i_c, chunk_start, chunk_end, T, NCS, VARLEN: tl.constexpr, BT: tl.constexpr):
+    """First token and sequence end of chunk i_c: read from the layout for packed sequences,
+    computed for B sequences of length T (NCS chunks each; saves a dependent load)."""
+    if VARLEN:
+        start = tl.load(chunk_start + i_c).to(tl.int64)
+        end = tl.load(chunk_end + i_c).to(tl.int64)
+    else:
+        b = (i_c // NCS).to(tl.int64)
+        start = b * T + (i_c % NCS).to(tl.int64) * BT
+        end = b * T + T
+    return start, end
+
+
+@triton.jit
+def _cumsum_kernel(g, gc, chunk_start, chunk_end, T, NCS, H: tl.constexpr, K: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    start = tl.load(chunk_start + i_c).to(tl.int64)
-    end = tl.load(chunk_end + i_c).to(tl.int64)
+    start, end = _bounds(i_c, chunk_start, chunk_end, T, NCS, VARLEN, BT)
     rows = start + tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m = (rows < end)[:, None] & (o_k < K)[None, :]
     off = (rows[:, None] * H + i_h) * K + o_k[None, :]
     b_g = tl.load(g + off, mask=m, other=0.0).to(tl.float32)
-    tl.store(gc + off, tl.cumsum(b_g, axis=0), mask=m)
+    tl.store(gc + off, tl.cumsum(b_g, 0), mask=m)
 
 
 @triton.jit
-def _intra_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
-                  H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                  PREC: tl.constexpr):
-    """One 16-row block i of a chunk: its off-diagonal blocks j < i (one dot each) and the zero
-    blocks j > i. (The diagonal block is `_intra_diag_kernel`'s.)"""
-    i_c, i_h, i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(chunk_start + i_c).to(tl.int64)
-    end = tl.load(chunk_end + i_c).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    mk = o_k < K
-    o_c = tl.arange(0, BC)
-    a_base = (i_c * H + i_h).to(tl.int64) * BT * BT
-    rows_i = start + i * BC + o_c
-    zero = tl.zeros([BC, BC], dtype=tl.float32)
-    for j in range(i + 1, BT // BC):
-        a_off = a_base + (i * BC + o_c)[:, None] * BT + (j * BC + o_c)[None, :]
-        tl.store(Aqk + a_off, zero)
-        tl.store(Akk + a_off, zero)
-    if i > 0:
-        mi = (rows_i < end)[:, None] & mk[None, :]
-        off_i = (rows_i[:, None] * H + i_h) * K + o_k[None, :]
-        b_gi = tl.load(gc + off_i, mask=mi, other=0.0)
-        b_beta = tl.load(beta + rows_i * H + i_h, mask=rows_i < end, other=0.0).to(tl.float32)
-        # reference token: the first of block i; both factors' exponents are <= 0
-        b_g0 = tl.load(gc + ((start + i * BC) * H + i_h) * K + o_k, mask=mk, other=0.0)
-        left = tl.exp(tl.minimum(b_gi - b_g0[None, :], 0.0))
-        b_lq = tl.load(q + off_i, mask=mi, other=0.0).to(tl.float32) * scale * left
-        b_lk = tl.load(k + off_i, mask=mi, other=0.0).to(tl.float32) * left
-        for j in range(0, i):
-            rows_j = start + j * BC + o_c
-            mj = (rows_j < end)[:, None] & mk[None, :]
-            off_j = (rows_j[:, None] * H + i_h) * K + o_k[None, :]
-            b_kj = tl.load(k + off_j, mask=mj, other=0.0).to(tl.float32)
-            b_gj = tl.load(gc + off_j, mask=mj, other=0.0)
-            b_rk = tl.trans(b_kj * tl.exp(tl.minimum(b_g0[None, :] - b_gj, 0.0)))
-            a_off = a_base + (i * BC + o_c)[:, None] * BT + (j * BC + o_c)[None, :]
-            tl.store(Aqk + a_off, tl.dot(b_lq, b_rk, input_precision=PREC))
-            tl.store(Akk + a_off, tl.dot(b_lk, b_rk, input_precision=PREC) * b_beta[:, None])
+def _diag_kernel(q, k, g, beta, Aqk, Akkd, chunk_start, chunk_end, scale, T, NCS,
+                 H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                 BH: tl.constexpr, VARLEN: tl.constexpr):
+    """One token t and BH heads: row t of its diagonal 16x16 block, exactly pairwise. Walking
+    s = t, t-1, ... back to the block's first token, gc_t - gc_s = sum_{s < y <= t} g_y is summed
+    on the way (no cumulative decay needed, every exponent <= 0). Entries s > t are never written
+    (readers mask them)."""
+    pid = tl.program_id(0)
+    i_c = pid // BT
+    start, end = _bounds(i_c, chunk_start, chunk_end, T, NCS, VARLEN, BT)
+    i_t = start + pid % BT
+    if i_t < end:
+        i_s = start + ((pid % BT) // BC) * BC     # first token of the block
+        o_h = tl.program_id(1) * BH + tl.arange(0, BH)
+        o_k = tl.arange(0, BK)
+        mh = o_h < H
+        m = mh[:, None] & (o_k < K)[None, :]
+        p_row = o_h[:, None] * K + o_k[None, :]
+        b_q = tl.load(q + i_t * H * K + p_row, mask=m, other=0.0).to(tl.float32) * scale
+        b_beta = tl.load(beta + i_t * H + o_h, mask=mh, other=0.0).to(tl.float32)
+        b_kb = tl.load(k + i_t * H * K + p_row, mask=m, other=0.0).to(tl.float32) * b_beta[:, None]
+        b_d = tl.zeros([BH, BK], dtype=tl.float32)
+        for n in range(0, i_t - i_s + 1):
+            j = i_t - n
+            b_gj = tl.load(g + j * H * K + p_row, mask=m, other=0.0).to(tl.float32)
+            b_kg = tl.load(k + j * H * K + p_row, mask=m, other=0.0).to(tl.float32) * tl.exp(b_d)
+            tl.store(Aqk + (i_t * H + o_h) * BT + (j - start),
+                     tl.sum(b_q * b_kg, 1).to(Aqk.dtype.element_ty), mask=mh)
+            b_akk = tl.sum(b_kb * b_kg, 1) * tl.where(n > 0, 1.0, 0.0)
+            tl.store(Akkd + (i_t * H + o_h) * BC + (j - i_s), b_akk, mask=mh)
+            b_d += b_gj
 
 
 @triton.jit
-def _intra_diag_kernel(q, k, gc, beta, Aqk, Akk, chunk_start, chunk_end, scale,
-                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """Diagonal 16x16 block i of a chunk, exactly pairwise (exponent g_t - g_s <= 0 for s <= t):
-    the block's k and g stay in registers while its 16 rows t are walked. Padded rows get zeros,
-    so every entry of A is written (the solve's dots would turn unwritten garbage into NaN)."""
-    i_c, i_h, i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(chunk_start + i_c).to(tl.int64)
-    end = tl.load(chunk_end + i_c).to(tl.int64)
-    o_c = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
-    mk = o_k < K
-    rows = start + i * BC + o_c
-    m2 = (rows < end)[:, None] & mk[None, :]
+def _load_block(q, k, gc, rows, end, H: tl.constexpr, i_h, K: tl.constexpr, o_k, mk):
+    """One 16-row block of q, k (fp32) and gc, and gc of the block's last token."""
+    m = (rows < end)[:, None] & mk[None, :]
     off = (rows[:, None] * H + i_h) * K + o_k[None, :]
-    b_ks = tl.load(k + off, mask=m2, other=0.0).to(tl.float32)
-    b_gs = tl.load(gc + off, mask=m2, other=0.0)
-    a_base = (i_c * H + i_h).to(tl.int64) * BT * BT + i * BC * BT + i * BC
-    for t in range(BC):
-        i_t = start + i * BC + t
-        # scalar conditions broadcast explicitly: the interpreter rejects scalar-and-vector masks
-        valid_k = mk & ((i_t + 0 * o_k) < end)
-        b_qt = tl.load(q + (i_t * H + i_h) * K + o_k, mask=valid_k, other=0.0).to(tl.float32) * scale
-        b_kt = tl.load(k + (i_t * H + i_h) * K + o_k, mask=valid_k, other=0.0).to(tl.float32)
-        b_gt = tl.load(gc + (i_t * H + i_h) * K + o_k, mask=valid_k, other=0.0)
-        b_e = tl.exp(tl.minimum(b_gt[None, :] - b_gs, 0.0)) * b_ks
-        b_beta = tl.load(beta + tl.minimum(i_t, end - 1) * H + i_h).to(tl.float32)
-        ms = (o_c <= t) & ((i_t + 0 * o_c) < end)
-        b_aq = tl.where(ms, tl.sum(b_qt[None, :] * b_e, 1), 0.0)
-        b_ak = tl.where(ms & (o_c < t), tl.sum(b_kt[None, :] * b_e, 1) * b_beta, 0.0)
-        tl.store(Aqk + a_base + t * BT + o_c, b_aq)
-        tl.store(Akk + a_base + t * BT + o_c, b_ak)
+    b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
+    b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+    b_gc = tl.load(gc + off, mask=m, other=0.0)
+    last = tl.max(rows, 0)
+    b_gl = tl.load(gc + (last * H + i_h) * K + o_k, mask=mk & ((last + 0 * o_k) < end), other=0.0)
+    return b_q, b_k, b_gc, b_gl
 
 
 @triton.jit
-def _inv_diag(Akk, a_base, i: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """(I + A_ii)^-1 of one 16x16 diagonal block, by forward substitution on its rows."""
-    o_c = tl.arange(0, BC)
-    b_x = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
-    for t in range(1, BC):
-        b_a = tl.load(Akk + a_base + (i * BC + t) * BT + i * BC + o_c, mask=o_c < t, other=0.0)
-        b_row = -tl.sum(b_a[:, None] * b_x, 0)
-        b_row = tl.where(o_c == t, 1.0, b_row)
-        b_x = tl.where(o_c[:, None] == t, b_row[None, :], b_x)
-    return b_x
+def _offdiag(b_a, b_b, b_kj, b_gcj, b_r, Aq, Ak, PREC: tl.constexpr):
+    """Block (i, j < i): rows already carry exp(gc_t - r); columns get exp(r - gc_s)."""
+    b_c = tl.trans(b_kj * tl.exp(tl.minimum(b_r[None, :] - b_gcj, 0.0)))
+    Aq = tl.dot(b_a, b_c, Aq, input_precision=PREC)
+    Ak = tl.dot(b_b, b_c, Ak, input_precision=PREC)
+    return Aq, Ak
 
 
 @triton.jit
-def _ablock(Akk, a_base, i: tl.constexpr, j: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    o_c = tl.arange(0, BC)
-    return tl.load(Akk + a_base + (i * BC + o_c)[:, None] * BT + (j * BC + o_c)[None, :])
+def _inv_diag(Akkd, r0, end, H: tl.constexpr, i_h, BC: tl.constexpr):
+    """(I + A)^-1 of the diagonal 16x16 block of rows r0.., by forward substitution over its rows
+    (entries on and above the diagonal were never written: masked)."""
+    o_i = tl.arange(0, BC)
+    rows = r0 + o_i
+    b_a = tl.load(Akkd + (rows[:, None] * H + i_h) * BC + o_i[None, :], mask=(rows < end)[:, None], other=0.0)
+    b_x = -tl.where(o_i[:, None] > o_i[None, :], b_a, 0.0)
+    n = tl.minimum(end - r0, BC)
+    for i in range(2, n):
+        b_r = -tl.load(Akkd + ((r0 + i) * H + i_h) * BC + o_i)
+        b_r = tl.where(o_i < i, b_r, 0.0)
+        b_r += tl.sum(b_r[:, None] * b_x, 0)
+        b_x = tl.where((o_i == i)[:, None], b_r[None, :], b_x)
+    return b_x + tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
 
 
 @triton.jit
-def _solve_kernel(k, v, gc, beta, Akk, w, u, kend, gexp, chunk_start, chunk_end,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr):
-    """X = (I + beta*Akk)^-1 blockwise (4x4 blocks of 16), then w = X (beta e^gc k), u = X (beta v),
-    and for the state pass kend = k e^(gc_C - gc) and e^(gc_C)."""
+def _store_block(ptr, rows, end, H: tl.constexpr, i_h, j: tl.constexpr, val, o_i,
+                 BT: tl.constexpr, BC: tl.constexpr):
+    """A [BC, BC] block into rows `rows`, columns j*BC.. of a [T, H, BT] matrix."""
+    tl.store(ptr + (rows[:, None] * H + i_h) * BT + (j * BC + o_i)[None, :], val.to(ptr.dtype.element_ty),
+             mask=(rows < end)[:, None])
+
+
+@triton.jit
+def _solve_kernel(q, k, gc, beta, Aqk, Akkd, Ai, chunk_start, chunk_end, scale, T, NCS,
+                  H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                  PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, VARLEN: tl.constexpr):
+    """Per chunk and head: the off-diagonal blocks of Aqk (stored) and beta*Akk (kept), then
+    Ai = (I + beta Akk)^-1 from the diagonal blocks' forward substitution and block merges."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    start = tl.load(chunk_start + i_c).to(tl.int64)
-    end = tl.load(chunk_end + i_c).to(tl.int64)
-    a_base = (i_c * H + i_h).to(tl.int64) * BT * BT
-    X00 = _inv_diag(Akk, a_base, 0, BT, BC)
-    X11 = _inv_diag(Akk, a_base, 1, BT, BC)
-    X22 = _inv_diag(Akk, a_base, 2, BT, BC)
-    X33 = _inv_diag(Akk, a_base, 3, BT, BC)
-    A10 = _ablock(Akk, a_base, 1, 0, BT, BC)
-    A20 = _ablock(Akk, a_base, 2, 0, BT, BC)
-    A21 = _ablock(Akk, a_base, 2, 1, BT, BC)
-    A30 = _ablock(Akk, a_base, 3, 0, BT, BC)
-    A31 = _ablock(Akk, a_base, 3, 1, BT, BC)
-    A32 = _ablock(Akk, a_base, 3, 2, BT, BC)
-    # X_ij = -X_ii sum_{j <= m < i} A_im X_mj, in exact fp32: errors here feed every output
-    X10 = -tl.dot(X11, tl.dot(A10, X00, input_precision="ieee"), input_precision="ieee")
-    X21 = -tl.dot(X22, tl.dot(A21, X11, input_precision="ieee"), input_precision="ieee")
-    X20 = -tl.dot(X22, tl.dot(A20, X00, input_precision="ieee") + tl.dot(A21, X10, input_precision="ieee"),
-                  input_precision="ieee")
-    X32 = -tl.dot(X33, tl.dot(A32, X22, input_precision="ieee"), input_precision="ieee")
-    X31 = -tl.dot(X33, tl.dot(A31, X11, input_precision="ieee") + tl.dot(A32, X21, input_precision="ieee"),
-                  input_precision="ieee")
-    X30 = -tl.dot(X33, tl.dot(A30, X00, input_precision="ieee") + tl.dot(A31, X10, input_precision="ieee")
-                  + tl.dot(A32, X20, input_precision="ieee"), input_precision="ieee")
-
-    o_c = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    mk = o_k < K
-    mv = o_v < V
-    last = tl.minimum(start + BT, end) - 1
-    b_glast = tl.load(gc + (last * H + i_h) * K + o_k, mask=mk, other=0.0)
-    tl.store(gexp + (i_c * H + i_h).to(tl.int64) * K + o_k, tl.exp(b_glast), mask=mk)
-    # right-hand sides, block by block: kb_j = beta e^gc k, vb_j = beta v (rows of block j)
-    rows0 = start + o_c
+    start, end = _bounds(i_c, chunk_start, chunk_end, T, NCS, VARLEN, BT)
+    o_i = tl.arange(0, BC)
+    rows0 = start + o_i
     rows1 = rows0 + BC
     rows2 = rows1 + BC
     rows3 = rows2 + BC
-    kb0, vb0 = _rhs(k, v, gc, beta, kend, b_glast, rows0, end, H, i_h, K, V, BK, BV)
-    kb1, vb1 = _rhs(k, v, gc, beta, kend, b_glast, rows1, end, H, i_h, K, V, BK, BV)
-    kb2, vb2 = _rhs(k, v, gc, beta, kend, b_glast, rows2, end, H, i_h, K, V, BK, BV)
-    kb3, vb3 = _rhs(k, v, gc, beta, kend, b_glast, rows3, end, H, i_h, K, V, BK, BV)
-    _store_rows(w, u, _dot(X00, kb0, LOWP), _dot(X00, vb0, LOWP), rows0, end, H, i_h, K, V, BK, BV)
-    _store_rows(w, u, _dot(X10, kb0, LOWP) + _dot(X11, kb1, LOWP),
-                _dot(X10, vb0, LOWP) + _dot(X11, vb1, LOWP), rows1, end, H, i_h, K, V, BK, BV)
-    _store_rows(w, u, _dot(X20, kb0, LOWP) + _dot(X21, kb1, LOWP) + _dot(X22, kb2, LOWP),
-                _dot(X20, vb0, LOWP) + _dot(X21, vb1, LOWP) + _dot(X22, vb2, LOWP),
-                rows2, end, H, i_h, K, V, BK, BV)
-    _store_rows(w, u, _dot(X30, kb0, LOWP) + _dot(X31, kb1, LOWP) + _dot(X32, kb2, LOWP) + _dot(X33, kb3, LOWP),
-                _dot(X30, vb0, LOWP) + _dot(X31, vb1, LOWP) + _dot(X32, vb2, LOWP) + _dot(X33, vb3, LOWP),
-                rows3, end, H, i_h, K, V, BK, BV)
+    z = tl.zeros([BC, BC], dtype=tl.float32)
+    Aq10, Aq20, Aq21, Aq30, Aq31, Aq32 = z, z, z, z, z, z
+    Ak10, Ak20, Ak21, Ak30, Ak31, Ak32 = z, z, z, z, z, z
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        mk = o_k < K
+        q0, k0, gc0, gl = _load_block(q, k, gc, rows0, end, H, i_h, K, o_k, mk)
+        r = gl   # gc of the last token of block 0: the reference of block row 1
+        q1, k1, gc1, gl = _load_block(q, k, gc, rows1, end, H, i_h, K, o_k, mk)
+        f = tl.exp(tl.minimum(gc1 - r[None, :], 0.0))
+        Aq10, Ak10 = _offdiag(q1 * f, k1 * f, k0, gc0, r, Aq10, Ak10, PREC)
+        r = gl
+        q2, k2, gc2, gl = _load_block(q, k, gc, rows2, end, H, i_h, K, o_k, mk)
+        f = tl.exp(tl.minimum(gc2 - r[None, :], 0.0))
+        a = q2 * f
+        b = k2 * f
+        Aq20, Ak20 = _offdiag(a, b, k0, gc0, r, Aq20, Ak20, PREC)
+        Aq21, Ak21 = _offdiag(a, b, k1, gc1, r, Aq21, Ak21, PREC)
+        r = gl
+        q3, k3, gc3, gl = _load_block(q, k, gc, rows3, end, H, i_h, K, o_k, mk)
+        f = tl.exp(tl.minimum(gc3 - r[None, :], 0.0))
+        a = q3 * f
+        b = k3 * f
+        Aq30, Ak30 = _offdiag(a, b, k0, gc0, r, Aq30, Ak30, PREC)
+        Aq31, Ak31 = _offdiag(a, b, k1, gc1, r, Aq31, Ak31, PREC)
+        Aq32, Ak32 = _offdiag(a, b, k2, gc2, r, Aq32, Ak32, PREC)
+    _store_block(Aqk, rows1, end, H, i_h, 0, Aq10 * scale, o_i, BT, BC)
+    _store_block(Aqk, rows2, end, H, i_h, 0, Aq20 * scale, o_i, BT, BC)
+    _store_block(Aqk, rows2, end, H, i_h, 1, Aq21 * scale, o_i, BT, BC)
+    _store_block(Aqk, rows3, end, H, i_h, 0, Aq30 * scale, o_i, BT, BC)
+    _store_block(Aqk, rows3, end, H, i_h, 1, Aq31 * scale, o_i, BT, BC)
+    _store_block(Aqk, rows3, end, H, i_h, 2, Aq32 * scale, o_i, BT, BC)
+
+    b1 = tl.load(beta + rows1 * H + i_h, mask=rows1 < end, other=0.0).to(tl.float32)[:, None]
+    b2 = tl.load(beta + rows2 * H + i_h, mask=rows2 < end, other=0.0).to(tl.float32)[:, None]
+    b3 = tl.load(beta + rows3 * H + i_h, mask=rows3 < end, other=0.0).to(tl.float32)[:, None]
+    A10 = Ak10 * b1
+    A20 = Ak20 * b2
+    A21 = Ak21 * b2
+    A30 = Ak30 * b3
+    A31 = Ak31 * b3
+    A32 = Ak32 * b3
+    X00 = _inv_diag(Akkd, start + 0, end, H, i_h, BC)
+    X11 = _inv_diag(Akkd, start + 16, end, H, i_h, BC)
+    X22 = _inv_diag(Akkd, start + 32, end, H, i_h, BC)
+    X33 = _inv_diag(Akkd, start + 48, end, H, i_h, BC)
+    # X_ij = -X_ii sum_{j <= m < i} A_im X_mj
+    X10 = -tl.dot(X11, tl.dot(A10, X00, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    X21 = -tl.dot(X22, tl.dot(A21, X11, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    X20 = -tl.dot(X22, tl.dot(A20, X00, input_precision=SOLVE_PREC)
+                  + tl.dot(A21, X10, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    X32 = -tl.dot(X33, tl.dot(A32, X22, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    X31 = -tl.dot(X33, tl.dot(A31, X11, input_precision=SOLVE_PREC)
+                  + tl.dot(A32, X21, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    X30 = -tl.dot(X33, tl.dot(A30, X00, input_precision=SOLVE_PREC)
+                  + tl.dot(A31, X10, input_precision=SOLVE_PREC)
+                  + tl.dot(A32, X20, input_precision=SOLVE_PREC), input_precision=SOLVE_PREC)
+    _store_block(Ai, rows0, end, H, i_h, 0, X00, o_i, BT, BC)
+    _store_block(Ai, rows1, end, H, i_h, 0, X10, o_i, BT, BC)
+    _store_block(Ai, rows1, end, H, i_h, 1, X11, o_i, BT, BC)
+    _store_block(Ai, rows2, end, H, i_h, 0, X20, o_i, BT, BC)
+    _store_block(Ai, rows2, end, H, i_h, 1, X21, o_i, BT, BC)
+    _store_block(Ai, rows2, end, H, i_h, 2, X22, o_i, BT, BC)
+    _store_block(Ai, rows3, end, H, i_h, 0, X30, o_i, BT, BC)
+    _store_block(Ai, rows3, end, H, i_h, 1, X31, o_i, BT, BC)
+    _store_block(Ai, rows3, end, H, i_h, 2, X32, o_i, BT, BC)
+    _store_block(Ai, rows3, end, H, i_h, 3, X33, o_i, BT, BC)
 
 
 @triton.jit
-def _rhs(k, v, gc, beta, kend, b_glast, rows, end, H: tl.constexpr, i_h, K: tl.constexpr, V: tl.constexpr,
-         BK: tl.constexpr, BV: tl.constexpr):
-    """Load one 16-row block; store its kend rows; return beta e^gc k and beta v (fp32)."""
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
+def _wu_kernel(q, k, v, gc, beta, Ai, qg, kend, w, u, gexp, chunk_start, chunk_end, scale, T, NCS,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr, VARLEN: tl.constexpr):
+    """Per chunk and head: w = Ai (beta e^gc k), u = Ai (beta v), kend = k e^(gc_C - gc),
+    qg = q e^gc scale and e^gc_C (gc recomputed from g: never stored)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    start, end = _bounds(i_c, chunk_start, chunk_end, T, NCS, VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    rows = start + o_t
     mr = rows < end
-    mrk = mr[:, None] & (o_k < K)[None, :]
-    off_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+    b_x = tl.load(Ai + (rows[:, None] * H + i_h) * BT + o_t[None, :],
+                  mask=mr[:, None] & ((o_t[:, None] // BC) >= (o_t[None, :] // BC)), other=0.0)
     b_beta = tl.load(beta + rows * H + i_h, mask=mr, other=0.0).to(tl.float32)
-    b_k = tl.load(k + off_k, mask=mrk, other=0.0).to(tl.float32)
-    b_g = tl.load(gc + off_k, mask=mrk, other=0.0)
-    tl.store(kend + off_k, (b_k * tl.exp(tl.minimum(b_glast[None, :] - b_g, 0.0))).to(kend.dtype.element_ty),
-             mask=mrk)
-    mrv = mr[:, None] & (o_v < V)[None, :]
-    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=mrv, other=0.0).to(tl.float32)
-    return b_k * tl.exp(tl.minimum(b_g, 0.0)) * b_beta[:, None], b_v * b_beta[:, None]
-
-
-@triton.jit
-def _store_rows(w, u, b_w, b_u, rows, end, H: tl.constexpr, i_h, K: tl.constexpr, V: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr):
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    mr = rows < end
-    tl.store(w + (rows[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty),
-             mask=mr[:, None] & (o_k < K)[None, :])
-    tl.store(u + (rows[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty),
-             mask=mr[:, None] & (o_v < V)[None, :])
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = mr[:, None] & (o_v < V)[None, :]
+        off = (rows[:, None] * H + i_h) * V + o_v[None, :]
+        b_v = tl.load(v + off, mask=m, other=0.0).to(tl.float32)
+        b_u = _dot(b_x, b_v * b_beta[:, None], LOWP)
+        tl.store(u + off, b_u.to(u.dtype.element_ty), mask=m)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        mk = o_k < K
+        m = mr[:, None] & mk[None, :]
+        off = (rows[:, None] * H + i_h) * K + o_k[None, :]
+        b_gc = tl.load(gc + off, mask=m, other=0.0)
+        last = tl.minimum(start + BT, end) - 1     # the chunk's last token
+        b_gl = tl.load(gc + (last * H + i_h) * K + o_k, mask=mk, other=0.0)
+        tl.store(gexp + (i_c * H + i_h).to(tl.int64) * K + o_k, tl.exp(b_gl), mask=mk)
+        b_e = tl.exp(tl.minimum(b_gc, 0.0))
+        b_q = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(qg + off, (b_q * b_e * scale).to(qg.dtype.element_ty), mask=m)
+        b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(kend + off, (b_k * tl.exp(tl.minimum(b_gl[None, :] - b_gc, 0.0))).to(kend.dtype.element_ty),
+                 mask=m)
+        b_w = _dot(b_x, b_k * b_e * b_beta[:, None], LOWP)
+        tl.store(w + off, b_w.to(w.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -273,72 +312,92 @@ def _state_kernel(w, u, kend, gexp, h, h0, ht, cu_seqlens, seq_chunk_first,
         b_w = tl.load(w + off_k, mask=mrk, other=0.0)
         b_ke = tl.load(kend + off_k, mask=mrk, other=0.0)
         b_ge = tl.load(gexp + (c * H + i_h) * K + o_k, mask=mk, other=1.0)
-        b_vn = tl.load(u + off_v, mask=mrv, other=0.0) - _dot(b_w, b_s, LOWP)
-        tl.store(u + off_v, b_vn, mask=mrv)     # v_new overwrites u
+        b_vn = tl.load(u + off_v, mask=mrv, other=0.0).to(tl.float32) - _dot(b_w, b_s, LOWP)
+        tl.store(u + off_v, b_vn.to(u.dtype.element_ty), mask=mrv)     # v_new overwrites u
         b_s = b_s * b_ge[:, None] + _dot(tl.trans(b_ke), b_vn, LOWP)
     if STORE_HT:
         tl.store(ht + i_n.to(tl.int64) * H * K * V + state_off, b_s, mask=mh)
 
 
 @triton.jit
-def _output_kernel(q, gc, h, Aqk, v_new, o, chunk_start, chunk_end, scale,
+def _output_kernel(qg, h, Aqk, v_new, o, chunk_start, chunk_end, T, NCS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr):
+                   BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr, VARLEN: tl.constexpr):
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(chunk_start + i_c).to(tl.int64)
-    end = tl.load(chunk_end + i_c).to(tl.int64)
+    start, end = _bounds(i_c, chunk_start, chunk_end, T, NCS, VARLEN, BT)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     rows = start + o_t
     mr = rows < end
-    mk = o_k < K
     mv = o_v < V
-    off_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
-    mrk = mr[:, None] & mk[None, :]
-    b_q = tl.load(q + off_k, mask=mrk, other=0.0).to(tl.float32) * scale
-    b_g = tl.load(gc + off_k, mask=mrk, other=0.0)
-    b_qd = b_q * tl.exp(tl.minimum(b_g, 0.0))
-    b_h = tl.load(h + i_c.to(tl.int64) * H * K * V + i_h * K * V + o_k[:, None] * V + o_v[None, :],
-                  mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    a_off = (i_c * H + i_h).to(tl.int64) * BT * BT + o_t[:, None] * BT + o_t[None, :]
-    b_a = tl.load(Aqk + a_off)
+    h_base = h + (i_c * H + i_h).to(tl.int64) * K * V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        mk = o_k < K
+        b_q = tl.load(qg + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+        b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        b_o += _dot(b_q, b_h, LOWP)
+    b_a = tl.load(Aqk + (rows[:, None] * H + i_h) * BT + o_t[None, :],
+                  mask=mr[:, None] & (o_t[:, None] >= o_t[None, :]), other=0.0)
     off_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
     mrv = mr[:, None] & mv[None, :]
     b_vn = tl.load(v_new + off_v, mask=mrv, other=0.0)
-    b_o = _dot(b_qd, b_h, LOWP) + _dot(b_a, b_vn, LOWP)
+    b_o += _dot(b_a, b_vn, LOWP)
     tl.store(o + off_v, b_o.to(o.dtype.element_ty), mask=mrv)
 
 
-def chunk_layout(bounds, device):
-    """Chunk start/end tokens, sequence bounds and each sequence's first chunk (device int32)."""
+_LAYOUTS: dict = {}
+
+
+def chunk_layout(B, T, cu_seqlens, device):
+    """Chunk start/end tokens, sequence bounds and each sequence's first chunk (device int32),
+    cached: a fixed-length batch needs no host work and no copy after the first call."""
+    key = (B, T, None if cu_seqlens is None else tuple(cu_seqlens.tolist()), str(device))
+    hit = _LAYOUTS.get(key)
+    if hit is not None:
+        return hit
     starts, ends, first, cu = [], [], [0], [0]
-    for s, e in bounds:
+    for s, e in seq_bounds(B, T, cu_seqlens):
         for c in range(s, e, BT):
             starts.append(c)
             ends.append(e)
         first.append(len(starts))
         cu.append(e)
     as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    return as_t(starts), as_t(ends), as_t(first), as_t(cu)
+    out = as_t(starts), as_t(ends), as_t(first), as_t(cu)
+    if len(_LAYOUTS) > 64:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = out
+    return out
+
+
+# block shapes: the best of a sweep at T = 128K, H = 32 on an H200 (gpu_bench's tune section)
+DEFAULTS = dict(diag_bh=2, diag_warps=1, solve_bk=16, solve_warps=1, solve_prec="tf32",
+                wu_bk=128, wu_bv=128, wu_warps=8, wu_stages=2, out_bk=64, out_bv=128, out_warps=4, state_bv=32,
+                state_stages=4)
 
 
 def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, state_bv=32, state_stages=3):
-    if state_bv not in (32, 64, 128):
+                     use_qk_l2norm_in_kernel=False, cu_seqlens=None, **cfg):
+    """`cfg` overrides `DEFAULTS` (block shapes and dot precisions, for benchmarks)."""
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}")
+    cfg = {**DEFAULTS, **cfg}
+    if cfg["state_bv"] not in (32, 64, 128):
         # BV=16 faulted (illegal address) in the state pass on an H200 with Triton 3.6
-        raise ValueError(f"state_bv must be 32, 64 or 128, got {state_bv}")
+        raise ValueError(f"state_bv must be 32, 64 or 128, got {cfg['state_bv']}")
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens)
     scale = K ** -0.5 if scale is None else scale
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
     q, k, v, g, beta = (x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta))
     total = B * T
-    starts, ends, first, cu = chunk_layout(seq_bounds(B, T, cu_seqlens), q.device)
+    starts, ends, first, cu = chunk_layout(B, T, cu_seqlens, q.device)
     NC = starts.numel()
     BK = triton.next_power_of_2(K)
     BVfull = triton.next_power_of_2(V)
-    BV = min(BVfull, 64)
     # bf16 dot operands for low-precision inputs; the interpreter (numpy) has no bf16 matmul
     lowp = q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
     prec = "tf32" if lowp else "ieee"
@@ -349,34 +408,45 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         if ht is not None:
             ht.copy_(h0) if h0 is not None else ht.zero_()
         return v.new_empty(B, T, H, V), ht
-    # allocation order keeps the peak low at 1M tokens: Akk is freed before h exists,
-    # and v_new overwrites u in place (each chunk's rows are read, then written, by one program)
+    low = q.dtype if lowp else torch.float32   # what later launches read as dot operands
+    lo = dict(dtype=low, device=q.device)
+    # chunk bounds: computed in the kernels for B sequences of length T, else read from the layout
+    lay = dict(T=T, NCS=triton.cdiv(T, BT), VARLEN=cu_seqlens is not None)
     gc = torch.empty(total, H, K, **f32)
-    _cumsum_kernel[(NC, H)](g, gc, starts, ends, H=H, K=K, BT=BT, BK=BK)
-    Aqk = torch.empty(NC, H, BT, BT, **f32)
-    Akk = torch.empty(NC, H, BT, BT, **f32)
-    _intra_kernel[(NC, H, BT // BC)](q, k, gc, beta, Aqk, Akk, starts, ends, scale,
-                           H=H, K=K, BT=BT, BC=BC, BK=BK, PREC=prec)
-    _intra_diag_kernel[(NC, H, BT // BC)](q, k, gc, beta, Aqk, Akk, starts, ends, scale,
-                                          H=H, K=K, BT=BT, BC=BC, BK=BK, num_warps=4)
-    low = q.dtype if lowp else torch.float32   # what the state pass reads as dot operands
-    w = torch.empty(total, H, K, dtype=low, device=q.device)
-    kend = torch.empty(total, H, K, dtype=low, device=q.device)
-    u = torch.empty(total, H, V, **f32)
+    _cumsum_kernel[(NC, H)](g, gc, starts, ends, H=H, K=K, BT=BT, BK=BK, **lay)
+    Aqk = torch.empty(total, H, BT, **lo)      # row t: its chunk's Aqk[t, :], s <= t only written
+    Akkd = torch.empty(total, H, BC, **f32)    # row t: beta*Akk[t, s] of its 16-block, s < t written
+    _diag_kernel[(NC * BT, triton.cdiv(H, cfg["diag_bh"]))](
+        q, k, g, beta, Aqk, Akkd, starts, ends, scale,
+        H=H, K=K, BT=BT, BC=BC, BK=BK, BH=cfg["diag_bh"], num_warps=cfg["diag_warps"], **lay)
+    Ai = torch.empty(total, H, BT, **lo)       # (I + beta Akk)^-1, lower 16x16 blocks written
+    _solve_kernel[(NC, H)](
+        q, k, gc, beta, Aqk, Akkd, Ai, starts, ends, scale,
+        H=H, K=K, BT=BT, BC=BC, BK=min(BK, cfg["solve_bk"]), PREC=prec,
+        SOLVE_PREC=cfg["solve_prec"] if lowp else "ieee", num_warps=cfg["solve_warps"], **lay)
+    del Akkd
+    qg = torch.empty(total, H, K, **lo)
+    kend = torch.empty(total, H, K, **lo)
+    w = torch.empty(total, H, K, **lo)
+    u = torch.empty(total, H, V, **lo)
     gexp = torch.empty(NC, H, K, **f32)
-    _solve_kernel[(NC, H)](k, v, gc, beta, Akk, w, u, kend, gexp, starts, ends,
-                           H=H, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BVfull, LOWP=lowp, num_warps=4)
-    del Akk
+    _wu_kernel[(NC, H)](
+        q, k, v, gc, beta, Ai, qg, kend, w, u, gexp, starts, ends, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, BK=min(BK, cfg["wu_bk"]), BV=min(BVfull, cfg["wu_bv"]), LOWP=lowp,
+        num_warps=cfg["wu_warps"], num_stages=cfg["wu_stages"], **lay)
+    del Ai, gc
     # the state entering each chunk; fp32 for fp32 inputs, else the input dtype (as fla does)
-    h = torch.empty(NC, H, K, V, dtype=low, device=q.device)
-    sbv = min(BVfull, state_bv)
+    h = torch.empty(NC, H, K, V, **lo)
+    sbv = min(BVfull, cfg["state_bv"])
     _state_kernel[(triton.cdiv(V, sbv), N * H)](
         w, u, kend, gexp, h, h0, ht, cu, first,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=sbv, HAS_H0=h0 is not None, STORE_HT=ht is not None,
-        LOWP=lowp, NUM_STAGES=state_stages, num_warps=4)
+        # fp32 tiles at 4 stages need more shared memory than an H200 has (239 KB of 227)
+        LOWP=lowp, NUM_STAGES=cfg["state_stages"] if lowp else min(cfg["state_stages"], 3), num_warps=4)
     del w, kend
     o = torch.empty(total, H, V, dtype=v.dtype, device=q.device)
-    _output_kernel[(NC, H, triton.cdiv(V, BV))](
-        q, gc, h, Aqk, u, o, starts, ends, scale,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, LOWP=lowp, num_warps=4)
+    obv = min(BVfull, cfg["out_bv"])
+    _output_kernel[(NC, H, triton.cdiv(V, obv))](
+        qg, h, Aqk, u, o, starts, ends,
+        H=H, K=K, V=V, BT=BT, BK=min(BK, cfg["out_bk"]), BV=obv, LOWP=lowp, num_warps=cfg["out_warps"], **lay)
     return o.reshape(B, T, H, V), ht
