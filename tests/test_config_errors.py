@@ -188,3 +188,21 @@ def test_engine_start_rejects_a_tp_size_that_does_not_divide_the_heads(tiny, tmp
     out = _start(tiny, tmp_path, tp=3)
     assert "STARTUP FAILED: ValidationError" in out
     assert "not divisible by the tensor-parallel size 3" in out, out[-4000:]
+
+
+def test_checkpoint_dtype_must_be_floating_point(tiny, tmp_path):
+    from vllm_kimi_linear.config import check_checkpoint
+    cfg = json.loads((tiny / "config.json").read_text())
+    for dtype, ok in ((torch.bfloat16, True), (torch.float16, True), (torch.int32, False),
+                      (torch.float8_e4m3fn, False)):
+        d = _copy(tiny, tmp_path / str(dtype).split(".")[-1])
+        w = load_file(str(d / "model.safetensors"))
+        w["model.norm.weight"] = w["model.norm.weight"].to(dtype)
+        save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+        if ok:
+            check_checkpoint(cfg, d)
+        else:
+            with pytest.raises(KimiLinearCheckpointError,
+                               match=r"tensor model.norm.weight has dtype (I32|F8_E4M3), but this "
+                                     r"plugin loads unquantized floating-point weights"):
+                check_checkpoint(cfg, d)

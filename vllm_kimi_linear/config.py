@@ -200,28 +200,46 @@ def check_all_present(expected: dict[str, tuple[int, ...]], seen: set[str]) -> N
             f"{expected[missing[0]]} from config.json. Missing: {missing[:8]}")
 
 
-def safetensors_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of every *.safetensors file in a directory, from the file headers
-    alone (an 8-byte length, then JSON): no tensor data is read, so this is cheap at 48B."""
-    shapes = {}
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors names; the plugin serves unquantized weights
+
+
+def safetensors_headers(model_dir: Path) -> dict[str, dict]:
+    """{tensor name: {"dtype": "BF16", "shape": [...], ...}} of every *.safetensors file in a
+    directory, from the file headers alone (an 8-byte length, then JSON): no tensor data is read,
+    so this is cheap at 48B."""
+    headers = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(n))
-        shapes |= {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    return shapes
+        headers |= {k: v for k, v in header.items() if k != "__metadata__"}
+    return headers
+
+
+def safetensors_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v["shape"]) for k, v in safetensors_headers(model_dir).items()}
+
+
+def check_dtype(name: str, dtype: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise KimiLinearCheckpointError(
+            f"Kimi Linear checkpoint: tensor {name} has dtype {dtype}, but this plugin loads "
+            f"unquantized floating-point weights ({', '.join(FLOAT_DTYPES)}): convert the "
+            "checkpoint, or use one saved in bfloat16")
 
 
 def check_checkpoint(cfg: dict, model_dir: str | Path) -> None:
-    """Every tensor the config implies is in the local checkpoint with the implied shape; else
-    one KimiLinearCheckpointError naming the tensor. Directories without safetensors (a hub id,
-    other formats) are left to the loader, which applies the same checks while loading."""
-    found = safetensors_shapes(model_dir) if Path(model_dir).is_dir() else {}
+    """Every tensor the config implies is in the local checkpoint with the implied shape and a
+    floating-point dtype; else one KimiLinearCheckpointError naming the tensor. Directories
+    without safetensors (a hub id, other formats) are left to the loader, which applies the same
+    shape checks while loading."""
+    found = safetensors_headers(model_dir) if Path(model_dir).is_dir() else {}
     if not found:
         return
     expected = expected_checkpoint_shapes(cfg)
-    for name, shape in found.items():
-        check_tensor(expected, name, shape)
+    for name, h in found.items():
+        if check_tensor(expected, name, h["shape"]):
+            check_dtype(name, h["dtype"])
     check_all_present(expected, set(found))
 
 
