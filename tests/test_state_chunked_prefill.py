@@ -81,3 +81,21 @@ def test_prefilling_and_decoding_requests_in_one_batch(llm, reference_model):
                         use_tqdm=False)
     for p, k, o in zip(prompts, news, outs):
         assert list(o.outputs[0].token_ids) == ref.greedy_generate(reference_model, p, k), len(p)
+
+
+def test_seeded_sampling_does_not_depend_on_chunking(llm):
+    # 16-token steps end inside the prompt: those steps sample and discard a token, and the
+    # request's generator must be rewound (vLLM's CPU generators have no offset to rewind by).
+    from vllm import SamplingParams
+    p = prompt(300, salt=3)
+    params = SamplingParams(temperature=1.0, seed=1234, max_tokens=24, ignore_eos=True)
+    runs = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0] for _ in range(3)]
+    # later runs hit the prefix cache: they prefill 300 - 256 tokens in 3 steps, the first in 19
+    assert runs[0].num_cached_tokens == 0 and runs[-1].num_cached_tokens == 256
+    batch = llm.generate([{"prompt_token_ids": prompt(90, salt=4)}, {"prompt_token_ids": p}],
+                         [greedy(30), params], use_tqdm=False)
+    tokens = [list(r.outputs[0].token_ids) for r in runs + batch[1:]]
+    assert all(t == tokens[0] for t in tokens), tokens
+    greedy_tokens = list(llm.generate([{"prompt_token_ids": p}], greedy(24), use_tqdm=False)[0]
+                         .outputs[0].token_ids)
+    assert tokens[0] != greedy_tokens  # it did sample

@@ -11,11 +11,18 @@ hybrid state manager).
 2. cpu_batch_memcpy: in "align" mode the runner copies each request's KDA state (conv + recurrent)
    from its previous block to its current one with a Triton kernel on raw pointers, which cannot
    run on CPU. The same copies by memmove (overlap-safe, like the kernel).
+3. seeded sampling across prefill chunks: a step that ends inside a prompt still samples (the
+   token is discarded), and vLLM then rewinds the request's generator by its Philox offset,
+   which CPU generators do not have ("CPU Generator does not use offset" killed the engine).
+   On CPU we save those generators' states before sampling and put them back after, which is
+   the same rewind, so a seeded request's tokens do not depend on how its prompt was chunked.
 Installed from register() on the CPU platform only.
 """
 from __future__ import annotations
 
 import ctypes
+
+import numpy as np
 
 from . import ARCH
 
@@ -46,9 +53,44 @@ def cpu_batch_memcpy(src_ptrs, dst_ptrs, sizes) -> None:
         ctypes.memmove(dst, src, n)
 
 
+def _discarded_generators(runner) -> dict:
+    n = runner.input_batch.num_reqs
+    gens = runner.input_batch.generators
+    return {int(i): gens[int(i)] for i in np.nonzero(runner.discard_request_mask.np[:n])[0]
+            if int(i) in gens}
+
+
+def rewind_generators_by_state(runner_cls) -> None:
+    sample, bookkeeping = runner_cls._sample, runner_cls._bookkeeping_sync
+    if getattr(sample, "_kimi_linear_wrapped", False):
+        return
+
+    def _sample(self, *args, **kwargs):
+        saved = {i: g.get_state() for i, g in _discarded_generators(self).items()}
+        out = sample(self, *args, **kwargs)
+        for i, st in saved.items():
+            self.input_batch.generators[i].set_state(st)
+        return out
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        # already rewound above: hide them from vLLM's offset-based rewind
+        hidden = _discarded_generators(self)
+        for i in hidden:
+            del self.input_batch.generators[i]
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            self.input_batch.generators.update(hidden)
+
+    _sample._kimi_linear_wrapped = True
+    runner_cls._sample, runner_cls._bookkeeping_sync = _sample, _bookkeeping_sync
+
+
 def install() -> None:
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.worker import mamba_utils
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     keep_chunked_prefill_and_prefix_caching(CpuPlatform)
     mamba_utils.batch_memcpy = cpu_batch_memcpy
+    rewind_generators_by_state(CPUModelRunner)
