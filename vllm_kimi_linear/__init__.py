@@ -22,6 +22,8 @@ def register() -> None:
 
     from . import state_manager
     state_manager.install()  # the layout log line and the engine-core utility the route reads
+    from .endpoints import guard_inference_routes
+    guard_inference_routes()  # --api-key also protects /invocations, /tokenize, ...
 
     # config.json's model_type "kimi_linear" already maps to vLLM's KimiLinearConfig (no
     # trust_remote_code needed); our own checks run in the hook above.
