@@ -61,9 +61,6 @@ def assert_serving(server, probe_text=None):
 LONG = "hello " * 3000  # > 2048 tokens with the tiny model's tokenizer
 MSG = [{"role": "user", "content": "hello there"}]
 M = SERVED_NAME
-UNGUARDED_GAP = ("plugin gap: vLLM's AuthenticationMiddleware guards only /v1, /v2, /inference and /cohere, so "
-                 "with --api-key the SageMaker route /invocations (chat and completions) and "
-                 "/generative_scoring run the model without a key")
 SURROGATE_GAP = ("plugin gap: a lone surrogate gets vLLM's tokenizer-internal 'TextEncodeInput must be "
                  "Union[TextInputSequence, ...]' instead of a message naming the invalid text")
 
@@ -325,14 +322,17 @@ def test_without_the_right_key_401(server, path, method, headers):
     assert error_message(r) == "Unauthorized", r.text
 
 
-@pytest.mark.xfail(strict=True, reason=UNGUARDED_GAP)
 @pytest.mark.parametrize("path,body", [
     ("/invocations", chat_body("hi", 2)),
     ("/generative_scoring", {"model": M, "query": "a", "items": ["b"], "label_token_ids": [1, 2]}),
-], ids=["invocations", "generative_scoring"])
+    ("/tokenize", {"model": M, "prompt": "hi"}),
+], ids=["invocations", "generative_scoring", "tokenize"])
 def test_inference_routes_outside_v1_need_the_key_too(server, path, body):
+    # vLLM guards /v1, /v2, /inference, /cohere; the plugin adds these (guard_inference_routes)
     r = requests.post(server.url(path), json=body, timeout=60)
     assert r.status_code == 401, (r.status_code, r.text[:300])
+    r = requests.post(server.url(path), json=body, headers=AUTH, timeout=60)
+    assert r.status_code != 401, (r.status_code, r.text[:300])
 
 
 def test_with_the_key_200_and_openai_client_errors_clearly(server, probe_text):
