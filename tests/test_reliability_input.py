@@ -61,8 +61,6 @@ def assert_serving(server, probe_text=None):
 LONG = "hello " * 3000  # > 2048 tokens with the tiny model's tokenizer
 MSG = [{"role": "user", "content": "hello there"}]
 M = SERVED_NAME
-SURROGATE_GAP = ("plugin gap: a lone surrogate gets vLLM's tokenizer-internal 'TextEncodeInput must be "
-                 "Union[TextInputSequence, ...]' instead of a message naming the invalid text")
 
 # name -> (body or raw bytes, expected status, pattern the message must match, known gap or None)
 BAD = {
@@ -111,10 +109,10 @@ BAD = {
     "n_zero": ({"model": M, "messages": MSG, "n": 0}, 400, r"n must be at least 1", None),
     "n_huge": ({"model": M, "messages": MSG, "n": 100000, "temperature": 1}, 400, r"n must be at most 16384", None),
     "lone_surrogate": (b'{"model":"kimi-linear-tiny","max_tokens":4,"messages":[{"role":"user","content":"x\\ud800y"}]}',
-                       400, r"(?i)surrogate|unicode|utf-?8|invalid text", SURROGATE_GAP),
+                       400, r"messages\[0\]\.content contains a lone UTF-16 surrogate \(U\+D[8C]00\)", None),
     "lone_surrogate_streamed": (
         b'{"model":"kimi-linear-tiny","max_tokens":4,"stream":true,"messages":[{"role":"user","content":"x\\udc00y"}]}',
-        400, r"(?i)surrogate|unicode|utf-?8|invalid text", SURROGATE_GAP),
+        400, r"messages\[0\]\.content contains a lone UTF-16 surrogate \(U\+D[8C]00\)", None),
 }
 
 

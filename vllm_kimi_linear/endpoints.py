@@ -11,11 +11,13 @@ vLLM loads endpoint plugins only when VLLM_PLUGINS names them; `deploy/serve-cpu
 deploy manifests set VLLM_PLUGINS=kimi_linear (that one name enables the model and this route).
 Also owns `guard_inference_routes()`, which register() calls in every process: with --api-key,
 vLLM checks the key only under /v1, /v2, /inference and /cohere; the plugin adds the other routes
-that run the model or the tokenizer.
+that run the model or the tokenizer. And `RejectInvalidUnicode`: request bodies holding text
+that is not Unicode (lone surrogates) get a 400 naming the field.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 
 GAUGES = {
     "kda_slots_in_use": "KDA state slots (KDA-group blocks) held by requests",
@@ -62,6 +64,74 @@ class StateCollector:
                 yield g
 
 
+TEXT_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/invocations")
+
+
+def _first_lone_surrogate(value, where: str = ""):
+    """(path, text) of the first string in a JSON value that is not valid Unicode, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body", value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if (hit := _first_lone_surrogate(v, f"{where}.{k}" if where else k)):
+                return hit
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (hit := _first_lone_surrogate(v, f"{where}[{i}]")):
+                return hit
+    return None
+
+
+class RejectInvalidUnicode:
+    """Pure ASGI middleware: a JSON request body whose strings hold a lone UTF-16 surrogate (valid
+    JSON, "\\ud800", but not text) gets a 400 naming the field, instead of the tokenizer's
+    internal "TextEncodeInput must be Union[...]". Other bodies pass through untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or \
+                scope["path"].rstrip("/") not in TEXT_ROUTES:
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, receive, send)  # disconnect: let vLLM see it
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        hit = None
+        if b"\\u" in body:  # only escaped surrogates can survive a UTF-8 body
+            try:
+                hit = _first_lone_surrogate(json.loads(body))
+            except ValueError:
+                pass  # not JSON: vLLM answers that itself
+        if hit is not None:
+            from starlette.responses import JSONResponse
+            field, text = hit
+            bad = next(c for c in text if 0xD800 <= ord(c) <= 0xDFFF)
+            msg = (f"{field} contains a lone UTF-16 surrogate (U+{ord(bad):04X}), which is not "
+                   "valid Unicode text: send well-formed UTF-8 / paired surrogates")
+            return await JSONResponse(status_code=400, content={"error": {
+                "message": msg, "type": "BadRequestError", "param": field, "code": 400}})(
+                scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
 class KimiLinearEndpoints:
     name = "kimi_linear"
     required_tasks = ("generate",)
@@ -103,6 +173,8 @@ class KimiLinearEndpoints:
                 except Exception:
                     self.collector.values = {}  # stale numbers would lie: leave them out
             return await call_next(request)
+
+        app.add_middleware(RejectInvalidUnicode)
 
         if not self._registered:
             from prometheus_client import REGISTRY
