@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -119,7 +120,7 @@ from vllm import LLM
 if __name__ == "__main__":
     try:
         LLM(model=sys.argv[1], dtype="float32", max_model_len=512, enforce_eager=True,
-            tensor_parallel_size=int(sys.argv[2]))
+            tensor_parallel_size=int(sys.argv[2]), attention_backend=(sys.argv[3:] or [None])[0])
     except Exception as e:
         print("STARTUP FAILED:", type(e).__name__, str(e))
         sys.exit(3)
@@ -127,12 +128,13 @@ if __name__ == "__main__":
 """
 
 
-def _start(model_dir: Path, tmp_path: Path, tp: int = 1) -> str:
+def _start(model_dir: Path, tmp_path: Path, tp: int = 1, attention_backend: str | None = None) -> str:
     script = tmp_path / "start.py"
     script.write_text(STARTUP)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLLM_PLUGINS")}
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    r = subprocess.run([sys.executable, str(script), str(model_dir), str(tp)], cwd=ROOT, env=env,
+    argv = [sys.executable, str(script), str(model_dir), str(tp)] + ([attention_backend] if attention_backend else [])
+    r = subprocess.run(argv, cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 3, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
     return r.stdout + r.stderr
@@ -188,6 +190,32 @@ def test_engine_start_rejects_a_tp_size_that_does_not_divide_the_heads(tiny, tmp
     out = _start(tiny, tmp_path, tp=3)
     assert "STARTUP FAILED: ValidationError" in out
     assert "not divisible by the tensor-parallel size 3" in out, out[-4000:]
+
+
+def test_cpu_mla_backend_is_chosen_for_every_x86_cpu():
+    """vLLM picks AMX_MLA on a CPU with AMX tiles, and its weight packing refuses float32 deep in a
+    worker; for Kimi Linear the plugin picks CPU_MLA unless a backend is named."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_kimi_linear.cpu_platform import choose_mla_backend
+
+    def config(backend, dtype):
+        return SimpleNamespace(attention_config=SimpleNamespace(backend=backend),
+                               model_config=SimpleNamespace(dtype=dtype))
+
+    c = config(None, torch.float32)
+    choose_mla_backend(c)
+    assert c.attention_config.backend == AttentionBackendEnum.CPU_MLA
+    c = config(AttentionBackendEnum.AMX_MLA, torch.bfloat16)
+    choose_mla_backend(c)  # named by the user and able to run: kept
+    assert c.attention_config.backend == AttentionBackendEnum.AMX_MLA
+    with pytest.raises(ValueError, match="AMX_MLA takes bf16/fp16 weights, but the model's dtype is float32"):
+        choose_mla_backend(config(AttentionBackendEnum.AMX_MLA, torch.float32))
+
+
+def test_engine_start_refuses_amx_mla_for_a_float32_model(tiny, tmp_path):
+    out = _start(tiny, tmp_path, attention_backend="AMX_MLA")
+    assert "STARTUP FAILED" in out and "serve with --dtype bfloat16" in out, out[-4000:]
 
 
 def test_checkpoint_dtype_must_be_floating_point(tiny, tmp_path):

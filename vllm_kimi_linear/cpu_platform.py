@@ -38,6 +38,8 @@ def keep_chunked_prefill_and_prefix_caching(platform_cls) -> None:
         return
 
     def check_and_update_config(cls, vllm_config) -> None:
+        if _is_kimi_linear(vllm_config):
+            choose_mla_backend(vllm_config)
         sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
         wanted = (sc.enable_chunked_prefill, cc.enable_prefix_caching, sc.max_num_batched_tokens)
         original(cls, vllm_config)
@@ -46,6 +48,19 @@ def keep_chunked_prefill_and_prefix_caching(platform_cls) -> None:
 
     check_and_update_config._kimi_linear_wrapped = True
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def choose_mla_backend(vllm_config) -> None:
+    import torch
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    ac = vllm_config.attention_config
+    if ac.backend is None:
+        ac.backend = AttentionBackendEnum.CPU_MLA
+    elif ac.backend == AttentionBackendEnum.AMX_MLA and vllm_config.model_config.dtype == torch.float32:
+        raise ValueError("--attention-backend AMX_MLA takes bf16/fp16 weights, but the model's dtype "
+                         "is float32: serve with --dtype bfloat16, or leave --attention-backend out "
+                         "(Kimi Linear then uses CPU_MLA, which runs float32).")
 
 
 def cpu_batch_memcpy(src_ptrs, dst_ptrs, sizes) -> None:
