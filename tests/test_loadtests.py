@@ -1,0 +1,346 @@
+"""The load generator (loadtests/).
+
+1. Pure parts, no server: percentiles, SLO/goodput, summaries, arrival schedules, request-class
+   mixes and scaling, scenarios, exact-length prompt construction with the tiny model's own
+   tokenizer (local), the speed-up benchmark's window arithmetic, plots.
+2. CPU smoke: ONE tiny-model server for the module (deploy/serve-cpu.sh); every named scenario,
+   scaled to <= ~8K tokens and a handful of requests, completes with 0 errors and writes a
+   result.json whose numbers are consistent (exact prompt lengths from usage, ordered percentiles)
+   and its PNGs; errors are reported by type; --max-duration bounds a run.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import requests
+
+from loadtests import cli, hybrid_speedup, report
+from loadtests.metrics import SLO, RequestRecord, distribution, goodput, percentile, summarize
+from loadtests.prompts import PromptBuilder, common_prefix
+from loadtests.scenarios import SCENARIOS
+from loadtests.workload import Arrival, RequestClass, Workload
+from tests.server_process import free_port, running_server, server_env
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVED = "kimi-linear-tiny"
+MAX_LEN = 10000
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Pure parts
+# ---------------------------------------------------------------------------------------------
+
+def test_percentile_matches_numpy_linear():
+    np = pytest.importorskip("numpy")
+    rng = random.Random(1)
+    for n in (1, 2, 7, 100):
+        xs = [rng.random() * 100 for _ in range(n)]
+        for p in (0, 1, 50, 90, 99, 100):
+            assert percentile(xs, p) == pytest.approx(float(np.percentile(xs, p)))
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError, match="percentile"):
+        percentile([1.0], 101)
+
+
+def rec(i, ttft=0.1, e2e=1.0, out=10, error=None, itl=(0.1,)):
+    return RequestRecord(index=i, cls="c", start=0.1 * i, prompt_tokens_expected=100, prompt_tokens=100,
+                         completion_tokens=out, ttft=ttft, e2e=e2e, itl=list(itl), error=error)
+
+
+def test_slo_goodput_and_summary():
+    slo = SLO(ttft_ms=200, tpot_ms=50)
+    good = rec(0, ttft=0.1, e2e=0.1 + 9 * 0.04)           # TPOT 40 ms
+    slow_first = rec(1, ttft=0.3, e2e=0.3 + 9 * 0.04)     # TTFT 300 ms
+    slow_decode = rec(2, ttft=0.1, e2e=0.1 + 9 * 0.06)    # TPOT 60 ms
+    one_token = rec(3, ttft=0.1, e2e=0.1, out=1)          # TPOT undefined: not a failure
+    failed = rec(4, error="HTTP 500")
+    timeout = rec(5, error="APITimeoutError")
+    rs = [good, slow_first, slow_decode, one_token, failed, timeout]
+    assert [slo.met(r) for r in rs] == [True, False, False, True, False, False]
+    assert good.tpot == pytest.approx(0.04) and one_token.tpot is None
+    g = goodput(rs, slo, duration=2.0)
+    assert g == {"good_requests": 2, "fraction": pytest.approx(2 / 6), "requests_per_s": 1.0}
+    s = summarize(rs, duration=2.0, slo=slo)
+    assert s["requests"] == {"total": 6, "completed": 4, "failed": 2}
+    assert s["errors"] == {"HTTP 500": 1, "APITimeoutError": 1}
+    assert s["tokens"] == {"prompt": 400, "completion": 31}
+    assert s["throughput"]["output_tokens_per_s"] == pytest.approx(15.5)
+    assert s["ttft_ms"]["count"] == 4 and s["tpot_ms"]["count"] == 3
+    d = distribution([0.001 * i for i in range(1, 101)])
+    assert d["min"] <= d["p50"] <= d["p90"] <= d["p99"] <= d["max"]
+    assert d["p50"] == pytest.approx(50.5) and d["mean"] == pytest.approx(50.5)
+    with pytest.raises(ValueError, match="ttft_ms must be a positive"):
+        SLO(ttft_ms=0)
+
+
+def test_arrival_schedules():
+    assert Arrival("constant", rate=4).offsets(5) == [0, 0.25, 0.5, 0.75, 1.0]
+    assert Arrival("concurrency", concurrency=3).offsets(10) is None
+    p = Arrival("poisson", rate=5, seed=7)
+    a = p.offsets(20000)
+    assert a == Arrival("poisson", rate=5, seed=7).offsets(20000)  # seeded
+    assert a != Arrival("poisson", rate=5, seed=8).offsets(20000)
+    gaps = [y - x for x, y in zip(a, a[1:])]
+    assert a[0] == 0 and min(gaps) >= 0
+    mean = sum(gaps) / len(gaps)
+    assert mean == pytest.approx(0.2, rel=0.03)
+    cv = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps)) / mean
+    assert cv == pytest.approx(1.0, rel=0.05)  # exponential gaps
+    assert Arrival("poisson", rate=2, concurrency=4).label == "poisson 2 req/s, max 4 in flight"
+    assert Arrival("concurrency", concurrency=3).with_value(8).concurrency == 8
+    assert Arrival("constant", rate=1).with_value(2.5).rate == 2.5
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kind="uniform", rate=1), "arrival kind must be one of"),
+    (dict(kind="poisson"), "needs a finite rate > 0"),
+    (dict(kind="constant", rate=-1), "needs a finite rate > 0"),
+    (dict(kind="concurrency"), "needs concurrency >= 1"),
+    (dict(kind="concurrency", concurrency=2, rate=1), "takes no rate"),
+    (dict(kind="poisson", rate=1, concurrency=0), "concurrency cap"),
+])
+def test_arrival_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Arrival(**kwargs)
+
+
+def test_class_mix_scaling_and_validation():
+    classes = (RequestClass("a", 100, 10, weight=0.7), RequestClass("b", 100, 10, weight=0.25),
+               RequestClass("c", 100, 10, weight=0.05))
+    w = Workload("w", classes, Arrival("constant", rate=1), num_requests=100)
+    seq = [c.name for c in w.class_sequence()]
+    assert (seq.count("a"), seq.count("b"), seq.count("c")) == (70, 25, 5)
+    assert seq[:20].count("a") == 14 and "b" in seq[:4]  # interleaved, not sorted
+    one_m = RequestClass("x", 1_000_000, 8192, prefix_tokens=0).scaled(0.008)
+    assert (one_m.input_tokens, one_m.output_tokens) == (8000, 66)
+    tiny = RequestClass("x", 2048, 256, prefix_tokens=1024).scaled(0.001)
+    assert tiny.input_tokens >= tiny.prefix_tokens + 16 and tiny.output_tokens == 8
+    with pytest.raises(ValueError, match=r"prefix_tokens must be in \[0, input_tokens=100\)"):
+        RequestClass("x", 100, 10, prefix_tokens=100)
+    with pytest.raises(ValueError, match="output_tokens must be a positive int"):
+        RequestClass("x", 100, 0)
+    with pytest.raises(ValueError, match="class names repeat"):
+        Workload("w", (classes[0], classes[0]), Arrival("constant", rate=1), 3)
+    with pytest.raises(ValueError, match="num_requests must be an int >= 1"):
+        Workload("w", classes, Arrival("constant", rate=1), 0)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        w.scaled(0)
+
+
+def test_scenarios_state_their_hardware_and_scale_down(capsys):
+    assert set(SCENARIOS) == {"1m-context", "mixed", "prefix-sharing", "sweep"}
+    for s in SCENARIOS.values():
+        assert "tensor parallel 8" in s.hardware and "H200" in s.hardware and "H100" in s.hardware
+        assert "--tensor-parallel-size 8" in s.serve and "--max-model-len 1048576" in s.serve
+        assert max(p.max_tokens_per_request for p in s.points) <= 1048576
+        small = s.adjusted(0.008, num_requests=3)
+        assert max(p.max_tokens_per_request for p in small.points) <= 8200
+        assert all(p.num_requests == 3 for p in small.points)
+    one_m = SCENARIOS["1m-context"].points[0].classes[0]
+    assert one_m.input_tokens >= 1_000_000
+    sweep = SCENARIOS["sweep"].adjusted(sweep=[1, 2, 4])
+    assert [p.name for p in sweep.points] == ["c1", "c2", "c4"]
+    assert [p.arrival.concurrency for p in sweep.points] == [1, 2, 4]
+    rates = SCENARIOS["mixed"].adjusted(sweep=[0.5, 1])
+    assert [p.arrival.rate for p in rates.points] == [0.5, 1.0]
+    capped = SCENARIOS["mixed"].adjusted(concurrency=8).points[0].arrival
+    assert (capped.kind, capped.rate, capped.concurrency) == ("poisson", 2.0, 8)
+    opened = SCENARIOS["sweep"].adjusted(arrival="poisson", rate=3).points[0].arrival
+    assert (opened.kind, opened.rate, opened.concurrency) == ("poisson", 3, None)
+    assert cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SCENARIOS) and "--scale" in out
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert cli.main(["--arrival", "poisson", "--rate", "-2"]) == 2
+    assert "needs a finite rate > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--sweep", "1,x"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from vllm_kimi_linear.builder import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def test_exact_length_prompts_with_local_tokenizer(tiny_model):
+    from loadtests.prompts import LocalTokenizer
+
+    tok = LocalTokenizer(str(tiny_model))
+
+    async def go():
+        b = PromptBuilder(tok, seed=3)
+        await b.setup()
+        assert len(b.words) >= 8 and b.overhead > 0
+        out = {}
+        for target in (b.overhead + 8, 64, 1000, 6000):
+            ps = [await b.build(target, i, key="k") for i in range(3)]
+            out[target] = ps
+        shared = [await b.build(3000, i, key="doc", prefix_tokens=2500) for i in range(4)]
+        other = await b.build(3000, 0, key="doc2", prefix_tokens=2500)
+        return b, out, shared, other
+
+    b, out, shared, other = asyncio.run(go())
+    for target, ps in out.items():
+        for p in ps:
+            ids = asyncio.run(tok.ids(p.messages))
+            assert len(ids) == p.tokens == target
+        assert len({p.messages[0]["content"] for p in ps}) == 3  # unique per request
+    ids = [asyncio.run(tok.ids(p.messages)) for p in shared]
+    assert all(len(x) == 3000 for x in ids)
+    assert min(common_prefix(ids[0], x) for x in ids[1:]) == 2500  # exactly the shared prefix
+    assert common_prefix(ids[0], asyncio.run(tok.ids(other.messages))) < 100  # another document
+    with pytest.raises(ValueError, match="cannot hold a chat prompt"):
+        asyncio.run(b.build(b.overhead, 0))
+
+
+def test_prompt_builder_needs_one_token_words():
+    class CharTokenizer:  # every character a token: no word is one token
+        async def ids(self, messages):
+            return list(range(len(messages[0]["content"]) + 5))
+
+    with pytest.raises(RuntimeError, match="one token after a space"):
+        asyncio.run(PromptBuilder(CharTokenizer()).setup())
+
+
+def test_speedup_window_stats():
+    def req(first, last, step=0.1):  # one token per `step` seconds from `first`
+        n = round((last - first) / step)
+        return {"chunks": [(first + k * step, k + 1) for k in range(n + 1)]}
+
+    reqs = [req(0.0, 10.0), req(1.0, 6.0), req(1.0, 4.0), req(1.0, 4.0, step=0.05)]
+    w = hybrid_speedup.window_stats(reqs[:3], 1.0, 4.0)
+    assert w["tpot_ms"] == pytest.approx(100) and w["tokens_per_s"] == pytest.approx(30)
+    assert w["mean_tokens_per_s"] == pytest.approx(30) and w["tokens"] == 90 and w["window_s"] == 3.0
+    stalled = req(0.0, 5.0)  # 50 steps of 0.1 s, then one stall of 1 s before the last token
+    stalled["chunks"][-1] = (6.0, stalled["chunks"][-1][1])
+    w = hybrid_speedup.window_stats([stalled], 0.0, 6.0)
+    assert w["tpot_ms"] == pytest.approx(100) and w["mean_tokens_per_s"] == pytest.approx(50 / 6)
+    bursty = {"chunks": [(0.2 * (k // 2) + 0.001 * (k % 2), k + 1) for k in range(40)]}  # pairs, 0.1 s/token
+    assert hybrid_speedup.window_stats([bursty], 0.0, 4.0)["tpot_ms"] == pytest.approx(100, rel=0.02)
+    with pytest.raises(RuntimeError, match="no decode steps"):
+        hybrid_speedup.window_stats(reqs, 20.0, 30.0)
+
+
+def test_plots_write_pngs(tmp_path):
+    recs = [rec(i, ttft=0.1 + 0.01 * i, e2e=1 + 0.1 * i) for i in range(5)]
+    for r in recs:
+        r.chunk_times = [r.start + r.ttft + 0.1 * k for k in range(10)]
+    points = []
+    for c in (1, 2):
+        points.append({"name": f"c{c}", "arrival": {"kind": "concurrency", "rate": None, "concurrency": c,
+                                                    "label": f"concurrency {c}"},
+                       "summary": summarize(recs, 2.0, SLO(ttft_ms=150)),
+                       "requests": [r.to_json() for r in recs]})
+    paths = [report.plot_point(p, tmp_path) for p in points] + [report.plot_sweep(points, tmp_path)]
+    assert all(p.read_bytes()[:8] == PNG for p in paths)
+    assert "c2" in report.table(points)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Against a tiny-model server
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    pytest.importorskip("openai")
+    port = free_port()
+    env = server_env(KIMI_MODEL=str(tiny_model), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="2")
+    base = f"http://127.0.0.1:{port}"
+    cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED, "--max-model-len", str(MAX_LEN)]
+    with running_server(cmd, env, tmp_path_factory.mktemp("log") / "server.log", timeout=1200,
+                        ready=lambda: requests.get(f"{base}/v1/models", timeout=2).status_code == 200):
+        yield f"{base}/v1"
+
+
+def run_cli(server, out: Path, *args) -> tuple[int, dict]:
+    code = cli.main([*args, "--base-url", server, "--out", str(out), "--no-progress", "--request-timeout", "600"])
+    return code, json.loads((out / "result.json").read_text())
+
+
+def check_result(result: dict, out: Path):
+    """0 errors, counts that add up, prompt lengths exact (usage), ordered percentiles, PNGs."""
+    assert result["model"] == SERVED and result["max_model_len"] == MAX_LEN
+    for pt in result["points"]:
+        s, reqs = pt["summary"], pt["requests"]
+        assert s["errors"] == {} and s["requests"] == {"total": pt["num_requests"], "completed": pt["num_requests"],
+                                                        "failed": 0}
+        assert len(reqs) == pt["num_requests"]
+        by_class = {}
+        for r in reqs:
+            c = pt["classes"][r["cls"]]
+            assert r["prompt_tokens"] == r["prompt_tokens_expected"] == c["input_tokens"]
+            assert r["completion_tokens"] == c["output_tokens"]  # ignore_eos: exactly max_tokens
+            assert len(r["chunk_times"]) == r["completion_tokens"]  # one streamed chunk per token
+            assert 0 < r["ttft"] <= r["e2e"] and r["tpot"] > 0
+            by_class[r["cls"]] = by_class.get(r["cls"], 0) + 1
+        assert by_class == {k: v["requests"] for k, v in pt["classes"].items() if v["requests"]}
+        for k, v in pt["classes"].items():
+            if v["prefix_tokens"] and v["requests"] > 1:
+                assert v["shared_prefix_tokens"] == v["prefix_tokens"]
+        assert s["tokens"]["prompt"] == sum(r["prompt_tokens"] for r in reqs)
+        assert s["tokens"]["completion"] == sum(r["completion_tokens"] for r in reqs)
+        assert s["throughput"]["output_tokens_per_s"] * s["duration_s"] == pytest.approx(s["tokens"]["completion"])
+        assert s["duration_s"] >= max(r["start"] + r["e2e"] for r in reqs) - 0.01
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            d = s[key]
+            assert d["count"] > 0 and d["min"] <= d["p50"] <= d["p90"] <= d["p99"] <= d["max"], (key, d)
+        assert s["ttft_ms"]["max"] <= s["e2e_ms"]["max"]
+        assert 0 <= s["goodput"]["fraction"] <= 1
+        assert (out / f"{pt['name']}.png").read_bytes()[:8] == PNG
+    assert set(result["files"]) == {p.name for p in out.glob("*.png")}
+
+
+@pytest.mark.parametrize("scenario,args", [
+    ("1m-context", ["--scale", "0.008", "--num-requests", "2"]),                 # 8,000-token prompts
+    ("mixed", ["--scale", "0.03", "--num-requests", "9"]),                       # 64, 983 and 7,864
+    ("prefix-sharing", ["--scale", "0.08", "--num-requests", "4"]),              # 7,864 of 8,192 shared
+    ("sweep", ["--scale", "0.008", "--sweep", "1,2", "--num-requests", "3"]),
+])
+def test_scenario_smoke(server, tmp_path, scenario, args):
+    code, result = run_cli(server, tmp_path, scenario, *args)
+    assert code == 0
+    assert result["scenario"] == scenario and "tensor parallel 8" in result["hardware"]
+    check_result(result, tmp_path)
+    if scenario == "mixed":
+        assert set(result["points"][0]["classes"]) == {"chat", "rag", "long-doc"}
+        assert all(c["requests"] for c in result["points"][0]["classes"].values())
+    if scenario == "sweep":
+        assert [p["arrival"]["concurrency"] for p in result["points"]] == [1, 2]
+        assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG
+
+
+def test_custom_workload_time_bound(server, tmp_path):
+    """A constant 1 req/s for at most 2.5 s sends 3 of the 20 requests (t = 0, 1, 2)."""
+    code, result = run_cli(server, tmp_path, "--input-tokens", "100", "--output-tokens", "8",
+                           "--arrival", "constant", "--rate", "1", "--num-requests", "20", "--max-duration", "2.5",
+                           "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000")
+    assert code == 0
+    pt = result["points"][0]
+    assert pt["summary"]["requests"]["total"] == 3 and pt["summary"]["goodput"]["fraction"] == 1.0
+    assert [r["start"] for r in pt["requests"]] == pytest.approx([0, 1, 2], abs=0.3)
+
+
+def test_errors_are_reported_by_type(server, tmp_path, tiny_model):
+    """Unknown model name (counted with the local tokenizer): every request fails, by type."""
+    code, result = run_cli(server, tmp_path, "--model", "no-such-model", "--tokenizer", str(tiny_model),
+                           "--input-tokens", "50", "--output-tokens", "4", "--concurrency", "2",
+                           "--num-requests", "3")
+    assert code == 1
+    s = result["points"][0]["summary"]
+    assert s["requests"]["failed"] == 3 and list(s["errors"]) == ["HTTP 404"]
+    assert s["goodput"]["good_requests"] == 0
+
+
+def test_too_long_for_the_server_is_one_clear_error(server):
+    with pytest.raises(SystemExit, match="needs 1,008,192 tokens .* max_model_len=10,000; use --scale"):
+        cli.main(["1m-context", "--base-url", server, "--no-progress"])
