@@ -9,10 +9,13 @@ that load from other processes on a shared machine hits both alike. Per server:
   1. request 0 (exactly L tokens) is sent alone: its TTFT is the prefill time;
   2. once its first token is out, the other B_max - 1 requests follow (same first L - 32 tokens, so
      with --prefix-caching they skip most of their prefill; decode still attends over all L);
-  3. once all of them decode, phases of --steps decode steps at each batch size, largest first:
-     a phase ends by cancelling requests (closing a stream aborts it in vLLM) down to the next
-     batch size. Decode speed per phase from the streamed tokens' times (vLLM's continuous usage
-     stats give exact token counts per chunk), see window_stats.
+  3. once all of them decode, a phase at each batch size, largest first, of at least --steps
+     decode steps and --min-window-s seconds; a phase ends by cancelling requests (closing a
+     stream aborts it in vLLM) down to the next batch size. Decode speed per phase from the
+     streamed tokens' times (vLLM's continuous usage stats give exact token counts per chunk), see
+     window_stats: a median, so a stall caused by another process does not count. As a check, the
+     server's own count over the phase: vLLM's `vllm:generation_tokens_total` read from /metrics
+     at both ends (a mean: stalls, and the time a /metrics read takes, count).
 
 Writes loadtests/results/hybrid_speedup.{json,png,md} and prints the table.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import statistics
 import sys
@@ -34,6 +38,34 @@ from .serve import cpu_server
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("kimi-linear", "all-mla")
 SPAN = 8  # decode steps per TPOT sample
+_GENERATED = re.compile(r"^vllm:generation_tokens_total(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+
+
+def generation_tokens(metrics_text: str) -> float:
+    """vLLM's generated-token counter from a /metrics page, summed over its label sets."""
+    values = _GENERATED.findall(metrics_text)
+    if not values:
+        raise RuntimeError("/metrics has no vllm:generation_tokens_total: is this a vLLM server?")
+    return sum(float(v) for v in values)
+
+
+class ServerCounter:
+    """Reads vllm:generation_tokens_total; each read is stamped at the middle of its request."""
+
+    def __init__(self, base: str):
+        import httpx
+
+        self.url = base.removesuffix("/v1") + "/metrics"
+        self._http = httpx.AsyncClient(timeout=30)
+
+    async def read(self) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        r = await self._http.get(self.url)
+        r.raise_for_status()
+        return generation_tokens(r.text), (t0 + time.perf_counter()) / 2
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
 
 def window_stats(reqs: list[dict], ta: float, tb: float) -> dict:
@@ -85,9 +117,11 @@ async def _until_tokens(rec: dict, n: int, task: asyncio.Task) -> float:
     return rec["chunks"][-1][0]
 
 
-async def measure_context(client, model: str, prompts, batches: list[int], steps: int, max_tokens: int) -> dict:
-    """Request 0 alone (prefill time), then the rest; once all decode, phases of `steps` steps at
-    each batch size from the largest down, ending each phase by cancelling requests."""
+async def measure_context(client, counter: ServerCounter, model: str, prompts, batches: list[int], steps: int,
+                          max_tokens: int, min_window_s: float) -> dict:
+    """Request 0 alone (prefill time), then the rest; once all decode, phases of at least `steps`
+    steps and `min_window_s` seconds at each batch size from the largest down, ending each phase by
+    cancelling requests."""
     n = max(batches)
     recs = [{} for _ in range(n)]
     events = [asyncio.Event() for _ in range(n)]
@@ -109,8 +143,18 @@ async def measure_context(client, model: str, prompts, batches: list[int], steps
             await asyncio.gather(*tasks[b:], return_exceptions=True)
             lead = recs[0]["chunks"][-1][1]
             ta = await _until_tokens(recs[0], lead + 3, tasks[0])  # let the aborts settle
-            tb = await _until_tokens(recs[0], lead + 3 + steps, tasks[0])
+            g0, t0 = await counter.read()
+            await _until_tokens(recs[0], lead + 3 + steps, tasks[0])
+            while time.perf_counter() - t0 < min_window_s:
+                if tasks[0].done():
+                    raise RuntimeError("request 0 ended inside a window: raise --max-tokens")
+                await asyncio.sleep(0.05)
+            tb = recs[0]["chunks"][-1][0]
+            g1, t1 = await counter.read()
+            if g1 <= g0:
+                raise RuntimeError(f"the server generated no tokens in {t1 - t0:.2f} s at batch {b}")
             out[b] = window_stats(recs[:b], ta, tb)
+            out[b]["server"] = {"tokens_per_s": (g1 - g0) / (t1 - t0), "window_s": t1 - t0, "tokens": g1 - g0}
             tasks = tasks[:b]
         return {"prefill_s": recs[0]["first"] - recs[0]["sent"], "decode": out,
                 # every request's (seconds since request 0 was sent, tokens so far), to re-analyse
@@ -122,28 +166,34 @@ async def measure_context(client, model: str, prompts, batches: list[int], steps
 
 
 async def measure(base: str, model: str, contexts: list[int], batches: list[int], steps: int, max_tokens: int,
-                  tag: str) -> dict:
+                  min_window_s: float, tag: str) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=base, api_key="unused", timeout=3600, max_retries=0)
+    counter = ServerCounter(base)
     tok = ServerTokenizer(base, model)
     builder = PromptBuilder(tok, seed=0)
     out = {}
     try:
         await builder.setup()
         warm = await builder.build(256, 0, key="warm-up")
-        await measure_context(client, model, [warm] * max(batches), batches, 4, 512)  # first-use stalls
+        # the server's first-use stalls (seconds) happen here, not inside a measurement
+        await asyncio.gather(*[client.chat.completions.create(
+            model=model, messages=warm.messages, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+            for _ in range(max(batches))])
         for L in contexts:
             # all but the last 32 tokens shared: with --prefix-caching only request 0 prefills in full
             prompts = [await builder.build(L, i, key=f"{tag}-{L}", prefix_tokens=L - 32) for i in range(max(batches))]
             t = time.perf_counter()
-            out[L] = await measure_context(client, model, prompts, batches, steps, max_tokens)
+            out[L] = await measure_context(client, counter, model, prompts, batches, steps, max_tokens,
+                                           min_window_s)
             out[L]["wall_s"] = time.perf_counter() - t
             print(f"  {model:<12} {L:>6} tokens: prefill {out[L]['prefill_s']:.2f} s; "
                   + ", ".join(f"B={b}: {w['tokens_per_s']:.1f} tok/s" for b, w in sorted(out[L]["decode"].items())),
                   flush=True)
     finally:
         await tok.aclose()
+        await counter.aclose()
         await client.close()
     return out
 
@@ -161,10 +211,10 @@ def aggregate(rounds: list[dict], contexts: list[int], batches: list[int]) -> di
             dec = {}
             for b in batches:
                 vals = [x["decode"][b]["tokens_per_s"] for x in runs if b in x["decode"]]
-                means = [x["decode"][b]["mean_tokens_per_s"] for x in runs if b in x["decode"]]
+                server = [x["decode"][b]["server"]["tokens_per_s"] for x in runs if b in x["decode"]]
                 if vals:
                     dec[b] = {"tokens_per_s": max(vals), "tpot_ms": 1e3 * b / max(vals),
-                              "mean_tokens_per_s": max(means), "rounds": vals}
+                              "server_tokens_per_s": max(server), "rounds": vals}
             agg[m][L] = {"prefill_s": min(pre), "prefill_rounds": pre, "decode": dec}
     return agg
 
@@ -172,7 +222,7 @@ def aggregate(rounds: list[dict], contexts: list[int], batches: list[int]) -> di
 def markdown(agg: dict, contexts: list[int], batches: list[int]) -> str:
     h, a = MODELS
     lines = ["| context | batch | Kimi Linear tok/s | all-MLA tok/s | speed-up | TPOT ms (KL / MLA) | "
-             "speed-up of window means |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "speed-up, server-counted means |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for L in contexts:
         for b in batches:
             x, y = agg[h][L]["decode"].get(b), agg[a][L]["decode"].get(b)
@@ -181,7 +231,7 @@ def markdown(agg: dict, contexts: list[int], batches: list[int]) -> str:
             lines.append(f"| {L // 1024}K | {b} | {x['tokens_per_s']:.1f} | {y['tokens_per_s']:.1f} | "
                          f"**{x['tokens_per_s'] / y['tokens_per_s']:.2f}x** | "
                          f"{x['tpot_ms']:.1f} / {y['tpot_ms']:.1f} | "
-                         f"{x['mean_tokens_per_s'] / y['mean_tokens_per_s']:.2f}x |")
+                         f"{x['server_tokens_per_s'] / y['server_tokens_per_s']:.2f}x |")
     lines += ["", "| context | prefill s (Kimi Linear) | prefill s (all-MLA) | speed-up |", "|---:|---:|---:|---:|"]
     for L in contexts:
         p, q = agg[h][L]["prefill_s"], agg[a][L]["prefill_s"]
@@ -230,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", default="4096,16384,32768", help="prompt lengths (tokens)")
     p.add_argument("--batches", default="1,4,8", help="decode batch sizes")
-    p.add_argument("--steps", type=int, default=32, help="decode steps per batch-size window")
-    p.add_argument("--max-tokens", type=int, default=1024, help="max_tokens of every request: more than "
+    p.add_argument("--steps", type=int, default=32, help="decode steps per batch-size window, at least")
+    p.add_argument("--min-window-s", type=float, default=2.0, help="seconds per batch-size window, at least")
+    p.add_argument("--max-tokens", type=int, default=2048, help="max_tokens of every request: more than "
                    "it decodes while the others prefill plus all phases (requests are cancelled, not finished)")
     p.add_argument("--rounds", type=int, default=1, help="repeat everything; the best round counts")
     p.add_argument("--kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE for both servers")
@@ -270,12 +321,13 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"round {r + 1}/{a.rounds}, {L} tokens: {m} ready after {time.time() - t:.0f} s",
                               flush=True)
                         rounds[-1][m].update(asyncio.run(measure(base, m, [L], batches, a.steps, a.max_tokens,
-                                                                         tag=f"r{r}")))
+                                                                 a.min_window_s, tag=f"r{r}")))
                     partial.write_text(json.dumps(rounds) + "\n")  # what a failed run leaves
     agg = aggregate(rounds, contexts, batches)
     table = markdown(agg, contexts, batches)
     cmd = "python -m loadtests.hybrid_speedup " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"command": cmd.strip(), "contexts": contexts, "batches": batches, "steps": a.steps,
+              "min_window_s": a.min_window_s,
               "rounds": a.rounds, "prefix_caching": a.prefix_caching, "cpu_bind": a.cpu_bind,
               "max_tokens": a.max_tokens, "max_model_len": max_len, "kv_cache_gib": a.kv_cache_gib,
               "wall_s": time.time() - t_start, "aggregate": agg, "per_round": rounds,

@@ -231,6 +231,18 @@ def test_speedup_window_stats():
         hybrid_speedup.window_stats(reqs, 20.0, 30.0)
 
 
+def test_speedup_reads_the_servers_generated_token_counter():
+    page = ("# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+            "# TYPE vllm:generation_tokens_total counter\n"
+            'vllm:generation_tokens_total{engine="0",model_name="m"} 1234.0\n'
+            'vllm:generation_tokens_total{engine="1",model_name="m"} 6.0\n'
+            'vllm:generation_tokens_created{engine="0",model_name="m"} 1.7e9\n'
+            'vllm:prompt_tokens_total{engine="0",model_name="m"} 99.0\n')
+    assert hybrid_speedup.generation_tokens(page) == 1240.0
+    with pytest.raises(RuntimeError, match="no vllm:generation_tokens_total"):
+        hybrid_speedup.generation_tokens("vllm:prompt_tokens_total 3.0\n")
+
+
 def test_plots_write_pngs(tmp_path):
     recs = [rec(i, ttft=0.1 + 0.01 * i, e2e=1 + 0.1 * i) for i in range(5)]
     for r in recs:
