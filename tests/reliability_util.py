@@ -38,15 +38,16 @@ class Server:
 
 @contextmanager
 def serve(tmp_path_factory, *extra_args: str, api_key: str | None = None,
-          max_model_len: int = MAX_MODEL_LEN) -> Iterator[Server]:
-    """Build the tiny checkpoint and run `deploy/serve-cpu.sh` on it until the block ends."""
+          max_model_len: int = MAX_MODEL_LEN, extra_env: dict | None = None) -> Iterator[Server]:
+    """Build the tiny checkpoint and run `deploy/serve-cpu.sh` on it (with `extra_env` added to
+    its environment) until the block ends."""
     from tests.server_process import free_port, running_server, server_env
     from vllm_kimi_linear.builder import build_tiny_checkpoint
 
     model_dir = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = server_env(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1")
+    env = server_env(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1", **(extra_env or {}))
     cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED_NAME,
            "--max-model-len", str(max_model_len)]
     if api_key:
