@@ -2,7 +2,7 @@
 prefix caching there too (they are how 1M-token prompts are served, and how CI exercises the
 hybrid state manager).
 
-1. keep_chunked_prefill_and_prefix_caching: CpuPlatform.check_and_update_config turns both off
+1. adapt_cpu_config (chunked prefill, prefix caching): CpuPlatform.check_and_update_config turns both off
    for every MLA model, because its reference MLA backend was written for whole prompts. For
    Kimi Linear we restore what the user asked for: the MLA prefill of a later chunk attends to
    the cached latent through vLLM's own CPU context gather + the CPU SDPA prefill backend (both
@@ -32,19 +32,21 @@ def _is_kimi_linear(vllm_config) -> bool:
     return mc is not None and ARCH in (getattr(mc, "architectures", None) or [])
 
 
-def keep_chunked_prefill_and_prefix_caching(platform_cls) -> None:
+def adapt_cpu_config(platform_cls) -> None:
+    """Wraps CpuPlatform.check_and_update_config: for Kimi Linear, pick the MLA backend before it
+    runs and restore chunked prefill / prefix caching after (items 1 and 4 above)."""
     original = platform_cls.check_and_update_config.__func__
     if getattr(original, "_kimi_linear_wrapped", False):
         return
 
     def check_and_update_config(cls, vllm_config) -> None:
-        if _is_kimi_linear(vllm_config):
-            choose_mla_backend(vllm_config)
+        if not _is_kimi_linear(vllm_config):
+            return original(cls, vllm_config)
+        choose_mla_backend(vllm_config)
         sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
         wanted = (sc.enable_chunked_prefill, cc.enable_prefix_caching, sc.max_num_batched_tokens)
         original(cls, vllm_config)
-        if _is_kimi_linear(vllm_config):
-            sc.enable_chunked_prefill, cc.enable_prefix_caching, sc.max_num_batched_tokens = wanted
+        sc.enable_chunked_prefill, cc.enable_prefix_caching, sc.max_num_batched_tokens = wanted
 
     check_and_update_config._kimi_linear_wrapped = True
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
@@ -106,6 +108,6 @@ def install() -> None:
     from vllm.v1.worker import mamba_utils
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-    keep_chunked_prefill_and_prefix_caching(CpuPlatform)
+    adapt_cpu_config(CpuPlatform)
     mamba_utils.batch_memcpy = cpu_batch_memcpy
     rewind_generators_by_state(CPUModelRunner)
