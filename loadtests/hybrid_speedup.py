@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import signal
 import statistics
 import sys
@@ -33,20 +32,20 @@ import time
 from pathlib import Path
 
 from .prompts import PromptBuilder, ServerTokenizer
-from .serve import cpu_server
+from .serve import cpu_server, metric_sums
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("kimi-linear", "all-mla")
 SPAN = 8  # decode steps per TPOT sample
-_GENERATED = re.compile(r"^vllm:generation_tokens_total(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+GENERATED = "vllm:generation_tokens_total"
 
 
 def generation_tokens(metrics_text: str) -> float:
     """vLLM's generated-token counter from a /metrics page, summed over its label sets."""
-    values = _GENERATED.findall(metrics_text)
-    if not values:
-        raise RuntimeError("/metrics has no vllm:generation_tokens_total: is this a vLLM server?")
-    return sum(float(v) for v in values)
+    value = metric_sums(metrics_text).get(GENERATED)
+    if value is None:
+        raise RuntimeError(f"/metrics has no {GENERATED}: is this a vLLM server?")
+    return value
 
 
 class ServerCounter:

@@ -1,10 +1,11 @@
 """Start and stop a server process: its own process group, a log file, a readiness poll with a
 deadline, and a clean stop of the whole group (vLLM's API server, engine core and workers).
 `cpu_server` runs `deploy/serve-cpu.sh` for the benchmark scripts; the test suite uses
-`running_process` and `server_env` for every test that starts `vllm serve` (tests/server_process.py)."""
+`running_process` and `server_env` for every test that starts `vllm serve`."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVE = ROOT / "deploy" / "serve-cpu.sh"
 # must not leak into a server: the test suite's Triton interpreter switch, plugin and API-key picks
 DROP = ("TRITON_INTERPRET", "VLLM_PLUGINS", "VLLM_API_KEY")
+
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)", re.M)
+
+
+def metric_sums(prometheus_text: str) -> dict[str, float]:
+    """A /metrics page -> {sample name: value summed over its label sets}."""
+    out: dict[str, float] = {}
+    for name, _labels, value in _SAMPLE.findall(prometheus_text):
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            pass
+    return out
 
 
 class ServerStartError(RuntimeError):

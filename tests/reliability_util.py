@@ -5,7 +5,6 @@ nothing held" waits, and the resident memory of the server's processes.
 Importable without vLLM; needs requests (and psutil for memory)."""
 from __future__ import annotations
 
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,13 +13,14 @@ from typing import Iterator
 
 import requests
 
+from loadtests.serve import metric_sums
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVED_NAME = "kimi-linear-tiny"
 MAX_MODEL_LEN = 2048
 # vLLM's own gauges, then the plugin's (present once the endpoint plugin is loaded)
 VLLM_IN_USE = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting")
 PLUGIN_IN_USE = ("kimi_linear_kda_slots_in_use", "kimi_linear_mla_blocks_in_use")
-_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)", re.M)
 
 
 @dataclass
@@ -41,20 +41,21 @@ def serve(tmp_path_factory, *extra_args: str, api_key: str | None = None,
           max_model_len: int = MAX_MODEL_LEN, extra_env: dict | None = None) -> Iterator[Server]:
     """Build the tiny checkpoint and run `deploy/serve-cpu.sh` on it (with `extra_env` added to
     its environment) until the block ends."""
-    from tests.server_process import free_port, running_server, server_env
+    from loadtests.serve import free_port, running_process, server_env
     from vllm_kimi_linear.builder import build_tiny_checkpoint
 
     model_dir = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = server_env(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1", **(extra_env or {}))
+    env = server_env(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1",
+                     **(extra_env or {}))
     cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED_NAME,
            "--max-model-len", str(max_model_len)]
     if api_key:
         cmd += ["--api-key", api_key]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     log_path = tmp_path_factory.mktemp("log") / "server.log"
-    with running_server(cmd, env, log_path, ready=lambda: requests.get(
+    with running_process(cmd, env, log_path, ready=lambda: requests.get(
             f"{base}/v1/models", headers=headers, timeout=2).status_code == 200) as proc:
         yield Server(base, model_dir, proc.pid, log_path, api_key, headers)
 
@@ -65,13 +66,7 @@ def scrape(base: str, headers: dict | None = None, timeout: float = 10) -> dict[
     """Prometheus text -> {metric name: value summed over its label sets}."""
     r = requests.get(base + "/metrics", headers=headers or {}, timeout=timeout)
     r.raise_for_status()
-    out: dict[str, float] = {}
-    for name, _labels, value in _SAMPLE.findall(r.text):
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            pass
-    return out
+    return metric_sums(r.text)
 
 
 def in_use(metrics: dict[str, float]) -> dict[str, float]:

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -206,11 +204,13 @@ def role(pid: int) -> str:
     return _roles[pid]
 
 
-def _start_server(args) -> tuple[subprocess.Popen, str, Path]:
-    """The README's serve command on the tiny model, in its own process group."""
+@contextlib.contextmanager
+def _started_server(args):
+    """The README's serve command on the tiny model, in its own process group; yields
+    (process, base URL, log path) and stops the group afterwards."""
     import requests
 
-    from tests.server_process import free_port, server_env
+    from loadtests.serve import free_port, running_process, server_env
     from vllm_kimi_linear.builder import build_tiny_checkpoint
     work = Path(tempfile.mkdtemp(prefix="kimi-soak-"))
     model = build_tiny_checkpoint(work / "tiny")
@@ -221,22 +221,11 @@ def _start_server(args) -> tuple[subprocess.Popen, str, Path]:
     if args.api_key:
         cmd += ["--api-key", args.api_key]
     log_path = work / "server.log"
-    proc = subprocess.Popen(cmd, env=server_env(KIMI_MODEL=str(model), KIMI_PORT=str(port),
-                                                VLLM_CPU_KVCACHE_SPACE="1"),
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited with {proc.returncode}; log: {log_path}")
-        try:
-            if requests.get(base + "/v1/models", headers=headers, timeout=2).status_code == 200:
-                return proc, base, log_path
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    sys.exit(f"server not ready after 600 s; log: {log_path}")
+    env = server_env(KIMI_MODEL=str(model), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1")
+    with running_process(cmd, env, log_path, timeout=600, ready=lambda: requests.get(
+            base + "/v1/models", headers=headers, timeout=2).status_code == 200) as proc:
+        yield proc, base, log_path
 
 
 def main(argv=None) -> int:
@@ -254,22 +243,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warmup = args.warmup_s if args.warmup_s is not None else min(120.0, args.minutes * 60 * 0.4)
 
-    proc = None
     base, pid = args.base_url, args.pid
-    if base is None:
-        proc, base, log_path = _start_server(args)
-        pid = proc.pid
-        print(f"server {base} (pid {pid}), log {log_path}")
-    try:
+    with contextlib.ExitStack() as stack:
+        if base is None:
+            proc, base, log_path = stack.enter_context(_started_server(args))
+            pid = proc.pid
+            print(f"server {base} (pid {pid}), log {log_path}")
         s = asyncio.run(soak(base.rstrip("/"), pid, args.minutes, args.concurrency, warmup,
                              args.sample_s, args.api_key, args.seed))
-    finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
     print(json.dumps({k: v for k, v in s.items() if k != "samples"}, indent=1))
     if "rss_start_mib" in s:
         print(f"RSS (MiB): first {s['rss_first_mib']}, start after {warmup:.0f} s warm-up "

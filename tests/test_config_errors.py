@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loadtests.serve import server_env
 from vllm_kimi_linear.builder import build_tiny_checkpoint
 from vllm_kimi_linear.config import (KimiLinearCheckpointError, KimiLinearConfigError,
                                      check_all_present, check_tensor, expected_checkpoint_shapes,
@@ -131,10 +131,8 @@ if __name__ == "__main__":
 def _start(model_dir: Path, tmp_path: Path, tp: int = 1, attention_backend: str | None = None) -> str:
     script = tmp_path / "start.py"
     script.write_text(STARTUP)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLLM_PLUGINS")}
-    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     argv = [sys.executable, str(script), str(model_dir), str(tp)] + ([attention_backend] if attention_backend else [])
-    r = subprocess.run(argv, cwd=ROOT, env=env,
+    r = subprocess.run(argv, cwd=ROOT, env=server_env(VLLM_CPU_KVCACHE_SPACE="1"),
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 3, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
     return r.stdout + r.stderr

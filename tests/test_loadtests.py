@@ -24,7 +24,7 @@ from loadtests.metrics import SLO, RequestRecord, distribution, goodput, percent
 from loadtests.prompts import PromptBuilder, common_prefix
 from loadtests.scenarios import SCENARIOS
 from loadtests.workload import Arrival, RequestClass, Workload
-from tests.server_process import free_port, running_server, server_env
+from loadtests.serve import free_port, running_process, server_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVED = "kimi-linear-tiny"
@@ -269,7 +269,7 @@ def server(tiny_model, tmp_path_factory):
     env = server_env(KIMI_MODEL=str(tiny_model), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="2")
     base = f"http://127.0.0.1:{port}"
     cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED, "--max-model-len", str(MAX_LEN)]
-    with running_server(cmd, env, tmp_path_factory.mktemp("log") / "server.log", timeout=1200,
+    with running_process(cmd, env, tmp_path_factory.mktemp("log") / "server.log", timeout=1200,
                         ready=lambda: requests.get(f"{base}/v1/models", timeout=2).status_code == 200):
         yield f"{base}/v1"
 

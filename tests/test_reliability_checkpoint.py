@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.reliability_util import ROOT
-from tests.server_process import free_port, server_env
+from loadtests.serve import free_port, server_env
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.server_process import free_port, running_server, server_env
+from loadtests.serve import free_port, running_process, server_env
 
 openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def server(tmp_path_factory):
     env = server_env(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1")
     base = f"http://127.0.0.1:{port}"
     cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED_NAME, "--max-model-len", "2048"]
-    with running_server(cmd, env, tmp_path_factory.mktemp("log") / "server.log",
+    with running_process(cmd, env, tmp_path_factory.mktemp("log") / "server.log",
                         ready=lambda: requests.get(f"{base}/v1/models", timeout=2).status_code == 200):
         yield base, model_dir
 

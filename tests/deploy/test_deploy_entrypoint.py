@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from deploy_helpers import DEPLOY, all_serve_arg_lists
-from tests.server_process import free_port, running_server, server_env
+from loadtests.serve import free_port, running_process, server_env
 
 openai = pytest.importorskip("openai")
 ENTRYPOINT = DEPLOY / "entrypoint.sh"
@@ -51,7 +51,7 @@ def server(tmp_path_factory):
         return subprocess.run(["bash", str(ENTRYPOINT), "ready"], env=env, capture_output=True,
                               timeout=30).returncode == 0
 
-    with running_server(cmd, env, tmp_path_factory.mktemp("log") / "entrypoint.log", ready,
+    with running_process(cmd, env, tmp_path_factory.mktemp("log") / "entrypoint.log", ready,
                         timeout=START_TIMEOUT, poll=3.0):
         yield {"base": f"http://127.0.0.1:{port}", "port": port, "model_dir": model_dir}
 
