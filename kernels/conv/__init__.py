@@ -1,4 +1,53 @@
-"""Short causal convolution used by KDA's q/k/v paths."""
-from .causal_conv1d import causal_conv1d, causal_conv1d_update
+"""Short causal convolution used by KDA's q/k/v paths: one entry point per operator.
 
-__all__ = ["causal_conv1d", "causal_conv1d_update"]
+Backends: "torch" (causal_conv1d.py, any device, reads sequence bounds on the host) and
+"triton" (triton_conv.py: CUDA, no host synchronisation, so CUDA-graph safe; CPU under
+TRITON_INTERPRET=1 for tests). `backend=None` reads $KDA_CONV_BACKEND, else picks "triton" on
+CUDA and "torch" elsewhere.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .causal_conv1d import check_conv_args, causal_conv1d_torch, causal_conv1d_update_torch
+
+CONV_BACKENDS = ("torch", "triton")
+
+
+def resolve_conv_backend(device: torch.device, backend: str | None = None) -> str:
+    backend = backend or os.environ.get("KDA_CONV_BACKEND") or None
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in CONV_BACKENDS:
+        raise ValueError(f"unknown conv backend {backend!r}: choose one of {CONV_BACKENDS}")
+    return backend
+
+
+def causal_conv1d(x, weight, cu_seqlens=None, conv_states=None, state_indices=None,
+                  has_initial_state=None, activation="silu", backend=None):
+    """Prefill over packed sequences x [T, dim] (`cu_seqlens` [N + 1]); weight [dim, width].
+    Sequence n starts from slot state_indices[n] of `conv_states` [slots, dim, width-1] where
+    has_initial_state[n] (else zeros); its slot then holds its last width-1 inputs."""
+    n = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
+    check_conv_args(x, weight, conv_states, state_indices, n)
+    if resolve_conv_backend(x.device, backend) == "triton":
+        from .triton_conv import causal_conv1d_triton
+        return causal_conv1d_triton(x, weight, cu_seqlens, conv_states, state_indices,
+                                    has_initial_state, activation)
+    return causal_conv1d_torch(x, weight, cu_seqlens, conv_states, state_indices, has_initial_state,
+                               activation)
+
+
+def causal_conv1d_update(x, weight, conv_states, state_indices, activation="silu", backend=None):
+    """Decode: one new token per sequence, x [N, dim]; slots updated in place; a negative slot
+    is a padded entry (output 0, no slot touched)."""
+    check_conv_args(x, weight, conv_states, state_indices, x.shape[0])
+    if resolve_conv_backend(x.device, backend) == "triton":
+        from .triton_conv import causal_conv1d_update_triton
+        return causal_conv1d_update_triton(x, weight, conv_states, state_indices, activation)
+    return causal_conv1d_update_torch(x, weight, conv_states, state_indices, activation)
+
+
+__all__ = ["causal_conv1d", "causal_conv1d_update", "resolve_conv_backend", "CONV_BACKENDS"]

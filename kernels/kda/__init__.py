@@ -29,15 +29,17 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-              use_qk_l2norm_in_kernel=False, cu_seqlens=None, backend=None):
+              use_qk_l2norm_in_kernel=False, cu_seqlens=None, backend=None, chunk_layout=None):
     """Chunked KDA prefill. q, k, g: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g is the
     per-channel log-decay (<= 0). States are [N, H, K, V] float32; with `cu_seqlens` [N + 1],
-    B == 1 and N sequences are packed along T. Returns (o [B, T, H, V], final_state or None)."""
+    B == 1 and N sequences are packed along T. Returns (o [B, T, H, V], final_state or None).
+    `chunk_layout` (Triton backend): `triton_chunk.chunk_layout_host` of the batch as device
+    int32 tensors, built where the host knows the lengths, so the call does not synchronise."""
     args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
     be = resolve_backend(q.device, backend)
     if be == "triton":
         from .triton_chunk import chunk_kda_triton
-        return chunk_kda_triton(*args)
+        return chunk_kda_triton(*args, chunk_layout=chunk_layout)
     if be == "fla":
         from .fla_backend import chunk_kda_fla
         return chunk_kda_fla(*args)

@@ -27,10 +27,12 @@ def check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indice
             raise ValueError(f"with cu_seqlens the sequences are packed along T: B must be 1, got {B}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError("cu_seqlens must be 1-D [N + 1] cumulative lengths starting at 0")
-        cu = cu_seqlens.tolist()
-        if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
-            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T={T}, got {cu}")
-        N = len(cu) - 1
+        N = cu_seqlens.numel() - 1
+        # value checks on host tensors only: on a GPU they would cost a sync on every step
+        if cu_seqlens.device.type == "cpu":
+            cu = cu_seqlens.tolist()
+            if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T={T}, got {cu}")
     else:
         N = B
     if ssm_state_indices is not None:
@@ -62,6 +64,20 @@ def seq_bounds(B: int, T: int, cu_seqlens) -> list[tuple[int, int]]:
         return [(b * T, (b + 1) * T) for b in range(B)]
     cu = cu_seqlens.tolist()
     return list(zip(cu[:-1], cu[1:]))
+
+
+def chunk_layout_host(bounds: list[tuple[int, int]], chunk: int = 64) -> tuple[list[int], ...]:
+    """The Triton chunk kernels' index of a packed batch, as host lists: (chunk start token,
+    chunk end = its sequence's end, each sequence's first chunk [N + 1], sequence bounds [N + 1]),
+    from each sequence's (start, end) token. 64 is the Triton kernels' chunk (triton_chunk.BT)."""
+    starts, ends, first, cu = [], [], [0], [0]
+    for s, e in bounds:
+        for c in range(s, e, chunk):
+            starts.append(c)
+            ends.append(e)
+        first.append(len(starts))
+        cu.append(e)
+    return starts, ends, first, cu
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .args import check_kda_args, l2norm, seq_bounds
+from .args import check_kda_args, chunk_layout_host, l2norm, seq_bounds
 
 BT = 64   # chunk
 BC = 16   # sub-block
@@ -350,22 +350,16 @@ def _output_kernel(qg, h, Aqk, v_new, o, chunk_start, chunk_end, T, NCS,
 _LAYOUTS: dict = {}
 
 
-def chunk_layout(B, T, cu_seqlens, device):
-    """Chunk start/end tokens, sequence bounds and each sequence's first chunk (device int32),
-    cached: a fixed-length batch needs no host work and no copy after the first call."""
+def device_chunk_layout(B, T, cu_seqlens, device):
+    """`args.chunk_layout_host` as device int32 tensors, cached: a fixed-length batch needs no host
+    work and no copy after the first call. Reads `cu_seqlens` on the host; a caller that must not
+    synchronise (vLLM's metadata builder) builds the layout itself and passes `chunk_layout=`."""
     key = (B, T, None if cu_seqlens is None else tuple(cu_seqlens.tolist()), str(device))
     hit = _LAYOUTS.get(key)
     if hit is not None:
         return hit
-    starts, ends, first, cu = [], [], [0], [0]
-    for s, e in seq_bounds(B, T, cu_seqlens):
-        for c in range(s, e, BT):
-            starts.append(c)
-            ends.append(e)
-        first.append(len(starts))
-        cu.append(e)
     as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    out = as_t(starts), as_t(ends), as_t(first), as_t(cu)
+    out = tuple(as_t(x) for x in chunk_layout_host(seq_bounds(B, T, cu_seqlens), BT))
     if len(_LAYOUTS) > 64:
         _LAYOUTS.clear()
     _LAYOUTS[key] = out
@@ -379,8 +373,10 @@ DEFAULTS = dict(diag_bh=2, diag_warps=1, solve_bk=16, solve_warps=1, solve_prec=
 
 
 def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm_in_kernel=False, cu_seqlens=None, **cfg):
-    """`cfg` overrides `DEFAULTS` (block shapes and dot precisions, for benchmarks)."""
+                     use_qk_l2norm_in_kernel=False, cu_seqlens=None, chunk_layout=None, **cfg):
+    """`chunk_layout`: the four device tensors of `args.chunk_layout_host` for `cu_seqlens`, built
+    ahead (no host read here then). `cfg` overrides `DEFAULTS` (block shapes and dot precisions,
+    for benchmarks)."""
     unknown = set(cfg) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}")
@@ -394,7 +390,9 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
     q, k, v, g, beta = (x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta))
     total = B * T
-    starts, ends, first, cu = chunk_layout(B, T, cu_seqlens, q.device)
+    if chunk_layout is None:
+        chunk_layout = device_chunk_layout(B, T, cu_seqlens, q.device)
+    starts, ends, first, cu = chunk_layout
     NC = starts.numel()
     BK = triton.next_power_of_2(K)
     BVfull = triton.next_power_of_2(V)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm.compilation.breakable_cudagraph import eager_break_during_capture
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
@@ -100,6 +101,9 @@ class KimiDeltaAttention(nn.Module, MambaBase):
             raise ValueError(f"duplicate layer name {prefix}")
         cc.static_forward_context[prefix] = self
         self.kv_cache = (torch.tensor([]), torch.tensor([]))
+        # Decorated here, not at import: vLLM turns breakable CUDA graphs on (an environment
+        # variable) while it builds the config, after this module may have been imported.
+        self._run_core = eager_break_during_capture(self._core)
 
     # ---- vLLM state contract
     @property
@@ -112,6 +116,11 @@ class KimiDeltaAttention(nn.Module, MambaBase):
     def get_state_dtype(self):
         return kda_state_dtype(self.vllm_config)
 
+    def get_attn_backend(self):
+        # vLLM's GDN metadata plus the prefill chunk layout, built on the host each step
+        from ..kda_metadata import KDAAttentionBackend
+        return KDAAttentionBackend
+
     # ---- forward
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         T, H, D = hidden_states.shape[0], self.heads, self.head_dim
@@ -122,7 +131,7 @@ class KimiDeltaAttention(nn.Module, MambaBase):
         g = kda_gate(f, self.A_log, self.dt_bias)
         beta = torch.sigmoid(self.b_proj(hidden_states)[0].float())
         core = torch.zeros(T, H, D, dtype=torch.float32, device=hidden_states.device)
-        self._core(qkv, g, beta, core)
+        self._run_core(qkv, g, beta, core)
         gate = torch.sigmoid(self.g_b_proj(self.g_a_proj(hidden_states)[0])[0].float()).view(T, H, D)
         o = core * torch.rsqrt(core.pow(2).mean(-1, keepdim=True) + self.eps) * self.o_norm.weight.float()
         o = (o * gate).to(hidden_states.dtype).reshape(T, H * D)
@@ -130,7 +139,13 @@ class KimiDeltaAttention(nn.Module, MambaBase):
 
     def _core(self, qkv, g, beta, out) -> None:
         """The recurrent part; writes `out` [T, H, D] fp32 in place. Rows past the batch's real
-        tokens (padding), and every row in profile/dummy runs (no metadata), stay zero."""
+        tokens (padding), and every row in profile/dummy runs (no metadata), stay zero.
+
+        CUDA graphs: vLLM captures the whole forward. In piecewise (breakable) graphs this
+        function is an eager break (`_run_core`): it runs at every replay with that step's
+        metadata, so Python may branch on the metadata's host ints. In FULL decode graphs it is
+        captured like the rest: decode batches are padded with slot 0 (vLLM's null block), so
+        nothing here may read a device tensor on the host."""
         md = get_forward_context().attn_metadata
         m = md.get(self.prefix) if isinstance(md, dict) else None
         if m is None:
@@ -160,12 +175,15 @@ class KimiDeltaAttention(nn.Module, MambaBase):
             s, e = ndt, ndt + npt
             slots = idx[nd:nd + npf]
             his = m.has_initial_state[nd:nd + npf]
-            cu = (m.non_spec_query_start_loc[nd:nd + npf + 1] - ndt).long()
+            layout = getattr(m, "prefill_chunk_layout", None)
+            # the layout's bounds are the prefill part's cu_seqlens, already on the device
+            cu = layout[3] if layout is not None else (m.non_spec_query_start_loc[nd:nd + npf + 1] - ndt)
             x = causal_conv1d(qkv[s:e], w, cu, conv_state, slots, his)
             q, k, v, gg, bb = qkvgb(x, g[s:e], beta[s:e], (1, npt))
             # vLLM does not clear a slot on reuse: a new request must start from zeros.
             init = torch.where(his.view(-1, 1, 1, 1), ssm_state[slots.long()].float(), 0.0)
             o, final = chunk_kda(q, k, v, gg, bb, scale=D ** -0.5, initial_state=init,
-                                 output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+                                 output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu,
+                                 chunk_layout=layout)
             ssm_state[slots.long()] = final.to(ssm_state.dtype)
             out[s:e] = o.reshape(npt, H, D).float()
