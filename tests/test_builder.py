@@ -1,12 +1,14 @@
 """The tiny-checkpoint builder (vllm_kimi_linear/builder.py) and the plain-PyTorch reference.
 
 Builder: determinism, the published tensor names/shapes/dtypes, config fields and 1-based layer
-lists, the all-MLA variant, and the local tokenizer (offline). Reference: runs on the tiny model,
+lists, the all-MLA variant, the "mla-first" layout (MLA at layer 0, several dense layers, odd
+head/expert counts), and the local tokenizer (offline). Reference: runs on the tiny model,
 finite logits, non-degenerate greedy output, causality. Expected names and shapes are derived
 here from config.json, independently of both the builder and the reference.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -17,7 +19,9 @@ import torch
 from safetensors import safe_open
 
 from tests.reference import kimi_linear_ref as ref
-from vllm_kimi_linear.builder import build_tiny_checkpoint, layer_lists
+from vllm_kimi_linear.builder import (LAYOUTS, TinyOptions, _parse, build_tiny_checkpoint,
+                                      layer_lists)
+from vllm_kimi_linear.config import expected_checkpoint_shapes, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -82,7 +86,7 @@ def expected_tensors(c: dict) -> dict[str, tuple[int, ...]]:
                       "o_proj.weight": (hid, n * c["v_head_dim"])}
         out |= {A + k: v for k, v in shapes.items()}
         out |= {L + "input_layernorm.weight": (hid,), L + "post_attention_layernorm.weight": (hid,)}
-        if i == 0:  # first_k_dense_replace = 1
+        if i < c["first_k_dense_replace"]:  # dense MLP
             it = c["intermediate_size"]
             out |= {L + "mlp.gate_proj.weight": (it, hid), L + "mlp.up_proj.weight": (it, hid),
                     L + "mlp.down_proj.weight": (hid, it)}
@@ -163,6 +167,141 @@ def test_config_fields(tiny, tokenizer):
 ])
 def test_layer_lists_are_one_based(layers, all_mla, kda, full):
     assert layer_lists(layers, all_mla) == (kda, full)
+
+
+@pytest.mark.parametrize("layers,given,kda,full", [
+    (6, (1, 5), [2, 3, 4, 6], [1, 5]),
+    (4, (4,), [1, 2, 3], [4]),
+    (3, (), [1, 2, 3], []),
+    (2, (2, 1), [], [1, 2]),
+])
+def test_layer_lists_given_mla_layers(layers, given, kda, full):
+    assert layer_lists(layers, full_attn_layers=given) == (kda, full)
+
+
+# sha256 of the default config.json (pure Python, so stable across library versions): the default
+# layout must not change when layout options are added. The weights are compared below through a
+# build that names the default layout explicitly.
+DEFAULT_CONFIG_SHA256 = "65e7c4335a2a2eb7a6d18c15f20f0467d057fe2674c41135c9e40f44ddfb3a98"
+
+
+def test_default_layout_is_unchanged(tiny, tmp_path):
+    assert hashlib.sha256((tiny / "config.json").read_bytes()).hexdigest() == DEFAULT_CONFIG_SHA256
+    explicit = build_tiny_checkpoint(tmp_path, full_attn_layers=(4,), dense_layers=1,
+                                     **LAYOUTS["tiny"])
+    for name in FILES:
+        assert (explicit / name).read_bytes() == (tiny / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------------- mla-first layout
+
+MLA_FIRST = dict(layers=6, full_attn_layers=(1, 5), dense_layers=2, kda_heads=3, mla_heads=5,
+                 experts=7, topk=3)
+
+
+@pytest.fixture(scope="module")
+def mla_first(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("mla-first"), **LAYOUTS["mla-first"])
+
+
+def test_mla_first_preset():
+    assert LAYOUTS["mla-first"] == MLA_FIRST
+    assert TinyOptions(**LAYOUTS["tiny"]) == TinyOptions()
+
+
+def test_mla_first_config_and_tensors(mla_first):
+    c = read_config(mla_first)
+    lin = c["linear_attn_config"]
+    assert (lin["kda_layers"], lin["full_attn_layers"]) == ([2, 3, 4, 6], [1, 5])
+    assert (c["num_hidden_layers"], c["first_k_dense_replace"], c["moe_layer_freq"]) == (6, 2, 1)
+    assert (lin["num_heads"], c["num_attention_heads"], c["num_key_value_heads"]) == (3, 5, 5)
+    assert (c["num_experts"], c["num_experts_per_token"]) == (7, 3)
+    assert (c["kv_lora_rank"], c["qk_rope_head_dim"]) == (512, 64)  # vLLM's CPU MLA head size
+    validate_config(c, tp_size=1, on_cpu=True)
+    got = {k: s for k, (s, _) in read_tensors(mla_first).items()}
+    assert got == expected_checkpoint_shapes(c)
+    assert got == expected_tensors(c)
+    # MLA at layer 0 (0-based), the dense MLP in layers 0 and 1, the MoE from layer 2
+    assert got["model.layers.0.self_attn.q_proj.weight"] == (5 * 128, 256)
+    assert "model.layers.0.self_attn.A_log" not in got
+    assert got["model.layers.1.self_attn.A_log"] == (1, 1, 3, 1)
+    assert "model.layers.1.mlp.gate_proj.weight" in got
+    assert not any(k.startswith(f"model.layers.{i}.block_sparse_moe") for k in got for i in (0, 1))
+    assert got["model.layers.2.block_sparse_moe.gate.weight"] == (7, 256)
+    assert "model.layers.2.block_sparse_moe.experts.6.w2.weight" in got
+
+
+def test_mla_first_config_loads_in_vllms_config_class(mla_first):
+    # 256 // 5 = 51 would fail the config class's rotary check ("RoPE requires an even rotary
+    # dimension"): the builder writes an even head_dim (unused by the model).
+    configs = pytest.importorskip("vllm.transformers_utils.configs.kimi_linear")
+    c = read_config(mla_first)
+    assert c["head_dim"] == 50
+    hf = configs.KimiLinearConfig(**c)
+    assert [hf.is_kda_layer(i) for i in range(6)] == [False, True, True, True, False, True]
+    assert hf.first_k_dense_replace == 2
+
+
+def test_mla_first_reference_forward(mla_first):
+    m = ref.load(mla_first)
+    assert (sorted(m.mla), sorted(m.kda)) == ([0, 4], [1, 2, 3, 5])
+    assert [m.is_moe(i) for i in range(6)] == [False, False, True, True, True, True]
+    ids = [(37 * j + 7) % 1000 for j in range(20)]
+    logits = ref.forward(m, ids)
+    assert logits.shape == (20, m.config["vocab_size"]) and torch.isfinite(logits).all()
+    lp = ref.prompt_logprobs(m, ids)
+    assert lp.shape == (19,) and torch.isfinite(lp).all() and (lp <= 0).all()
+
+
+def test_cli_layout_preset(mla_first, tmp_path):
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "-m", "vllm_kimi_linear.builder", str(out), "--layout",
+                        "mla-first"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "6 layers (KDA [2, 3, 4, 6], MLA [1, 5], 1-based; 2 dense)" in r.stdout
+    for name in FILES:
+        assert (out / name).read_bytes() == (mla_first / name).read_bytes(), name
+
+
+def test_cli_layout_options_parse(tmp_path, capsys):
+    _, o = _parse([str(tmp_path), "--layers", "6", "--full-attn-layers", "1,5",
+                   "--dense-layers", "2"])
+    assert (o["layers"], o["full_attn_layers"], o["dense_layers"]) == (6, (1, 5), 2)
+    _, o = _parse([str(tmp_path)])
+    assert TinyOptions(**o) == TinyOptions()
+    # a preset's values are defaults: explicit options override them
+    _, o = _parse([str(tmp_path), "--layout", "mla-first", "--dense-layers", "3"])
+    assert TinyOptions(**o) == TinyOptions(**(MLA_FIRST | {"dense_layers": 3}))
+    with pytest.raises(SystemExit):
+        _parse([str(tmp_path), "--full-attn-layers", "1,x"])
+    assert "comma list of 1-based layer numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse([str(tmp_path), "--layout", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opts,match", [
+    (dict(full_attn_layers=(0, 4)),
+     r"full_attn_layers \[0, 4\]: \[0\] out of range; layer numbers are 1-based, 1..layers=4"),
+    (dict(full_attn_layers=(5,)), r"\[5\] out of range"),
+    (dict(full_attn_layers=(4, 4)), r"full_attn_layers \[4, 4\] lists a layer twice"),
+    (dict(full_attn_layers=(4,), all_mla=True), r"all_mla and full_attn_layers both choose"),
+    (dict(full_attn_layers="1,5"), r"full_attn_layers must be a sequence of 1-based layer numbers"),
+    (dict(dense_layers=-1), r"dense_layers must be in 0..layers=4, got -1"),
+    (dict(dense_layers=5), r"dense_layers must be in 0..layers=4, got 5"),
+    (dict(MLA_FIRST, layers=4), r"\[5\] out of range"),
+])
+def test_bad_layout_options_are_clear(tmp_path, opts, match):
+    with pytest.raises(ValueError, match=match):
+        build_tiny_checkpoint(tmp_path, **opts)
+    assert not any(tmp_path.iterdir())  # rejected before anything is written
+
+
+def test_layout_edge_values_are_accepted():
+    assert TinyOptions(dense_layers=0).dense_layers == 0
+    assert TinyOptions(dense_layers=4).dense_layers == 4
+    assert TinyOptions(full_attn_layers=()).full_attn_layers == ()
+    assert TinyOptions(full_attn_layers=[5, 1], layers=6).full_attn_layers == (1, 5)
 
 
 def test_all_mla_bf16_variant(tmp_path):

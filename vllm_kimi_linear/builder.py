@@ -6,6 +6,8 @@ tensor names and shapes, see /work/shared/reference/kimi-linear.md), a byte-leve
 trained locally on the text embedded below, and generation_config.json.
 
     python -m vllm_kimi_linear.builder OUTDIR [--hidden 256] [--layers 4] [--all-mla] ...
+    python -m vllm_kimi_linear.builder OUTDIR --layout mla-first    # a named preset (LAYOUTS)
+    python -m vllm_kimi_linear.builder OUTDIR --layers 6 --full-attn-layers 1,5 --dense-layers 2
 
 Same options -> byte-identical files: every tensor draws from its own generator seeded by
 (seed, tensor name), so a tensor's values do not depend on which other tensors exist, and a
@@ -34,7 +36,12 @@ MAX_CONTEXT = 131072  # model_max_length of the tiny model (the published one sa
 
 @dataclass(frozen=True)
 class TinyOptions:
-    """Dimensions of the tiny model. Defaults: 4 layers (0-2 KDA, 3 MLA), about 5.2M parameters."""
+    """Dimensions of the tiny model. Defaults: 4 layers (0-2 KDA, 3 MLA), about 5.2M parameters.
+
+    full_attn_layers: 1-based MLA layer numbers (the rest are KDA); None = every 4th layer, or
+    all of them with all_mla. dense_layers: config first_k_dense_replace, i.e. 0-based layers
+    0..dense_layers-1 use the dense MLP, the others the MoE.
+    """
 
     hidden: int = 256
     layers: int = 4
@@ -54,6 +61,8 @@ class TinyOptions:
     inter: int = 512
     vocab: int = 1024  # total tokenizer size, special tokens included
     all_mla: bool = False
+    full_attn_layers: tuple[int, ...] | None = None
+    dense_layers: int = 1
     seed: int = 0
     dtype: str = "float32"
 
@@ -62,7 +71,7 @@ class TinyOptions:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.type != "int" or f.name == "seed":
+            if f.type != "int" or f.name in ("seed", "dense_layers"):
                 continue
             if v < 0 or (v == 0 and f.name != "shared_experts"):
                 raise ValueError(f"{f.name} must be positive, got {v}")
@@ -71,18 +80,53 @@ class TinyOptions:
         if not MIN_VOCAB <= self.vocab <= MAX_VOCAB:
             raise ValueError(f"vocab must be in [{MIN_VOCAB}, {MAX_VOCAB}] (what the embedded "
                              f"corpus can train), got {self.vocab}")
+        if not 0 <= self.dense_layers <= self.layers:
+            raise ValueError(f"dense_layers must be in 0..layers={self.layers}, got "
+                             f"{self.dense_layers}")
+        if self.full_attn_layers is not None:
+            full = self.full_attn_layers
+            if isinstance(full, (str, bytes)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in full):
+                raise ValueError("full_attn_layers must be a sequence of 1-based layer numbers, "
+                                 f"got {full!r}")
+            full = tuple(full)
+            if self.all_mla:
+                raise ValueError("all_mla and full_attn_layers both choose the MLA layers: give "
+                                 "one of them (all_mla = every layer MLA)")
+            bad = [i for i in full if not 1 <= i <= self.layers]
+            if bad:
+                raise ValueError(f"full_attn_layers {list(full)}: {bad} out of range; layer "
+                                 f"numbers are 1-based, 1..layers={self.layers}")
+            if len(set(full)) != len(full):
+                raise ValueError(f"full_attn_layers {list(full)} lists a layer twice")
+            object.__setattr__(self, "full_attn_layers", tuple(sorted(full)))
 
 
-def layer_lists(layers: int, all_mla: bool = False) -> tuple[list[int], list[int]]:
-    """(kda_layers, full_attn_layers), 1-BASED as in the published config: every 4th is MLA."""
-    full = [i for i in range(1, layers + 1) if all_mla or i % 4 == 0]
+# Named presets: TinyOptions fields over the defaults (`build_tiny_checkpoint(d, **LAYOUTS[name])`,
+# CLI `--layout NAME`). "mla-first": MLA at layer 0, several dense layers, odd head/expert counts
+# (MLA keeps kv_lora_rank 512 + qk_rope 64, the only MLA head size vLLM's CPU kernel accepts).
+LAYOUTS: dict[str, dict] = {
+    "tiny": {},
+    "mla-first": dict(layers=6, full_attn_layers=(1, 5), dense_layers=2, kda_heads=3, mla_heads=5,
+                      experts=7, topk=3),
+}
+
+
+def layer_lists(layers: int, all_mla: bool = False,
+                full_attn_layers=None) -> tuple[list[int], list[int]]:
+    """(kda_layers, full_attn_layers), 1-BASED as in the published config: the given MLA layers,
+    else every 4th (all with all_mla) is MLA."""
+    if full_attn_layers is not None:
+        full = sorted(full_attn_layers)
+    else:
+        full = [i for i in range(1, layers + 1) if all_mla or i % 4 == 0]
     kda = [i for i in range(1, layers + 1) if i not in full]
     return kda, full
 
 
 def make_config(o: TinyOptions, vocab_size: int, special_ids: dict[str, int]) -> dict:
     """config.json: the published Kimi-Linear-48B-A3B-Instruct fields at tiny dimensions."""
-    kda, full = layer_lists(o.layers, o.all_mla)
+    kda, full = layer_lists(o.layers, o.all_mla, o.full_attn_layers)
     return {
         "architectures": ["KimiLinearForCausalLM"],
         "model_type": "kimi_linear",
@@ -92,7 +136,9 @@ def make_config(o: TinyOptions, vocab_size: int, special_ids: dict[str, int]) ->
         "intermediate_size": o.inter,
         "num_attention_heads": o.mla_heads,
         "num_key_value_heads": o.mla_heads,
-        "head_dim": o.hidden // o.mla_heads,  # unused by the model, as in the published config
+        # unused by the model, as in the published config (2304 / 32 = 72), but the config class
+        # validates it as a rotary dim, which must be even: rounded down for odd head counts.
+        "head_dim": max(2, o.hidden // o.mla_heads // 2 * 2),
         "q_lora_rank": None,
         "kv_lora_rank": o.kv_lora_rank,
         "qk_nope_head_dim": o.qk_nope,
@@ -103,7 +149,7 @@ def make_config(o: TinyOptions, vocab_size: int, special_ids: dict[str, int]) ->
         "num_experts_per_token": o.topk,
         "num_shared_experts": o.shared_experts,
         "moe_intermediate_size": o.moe_inter,
-        "first_k_dense_replace": 1,
+        "first_k_dense_replace": o.dense_layers,
         "moe_layer_freq": 1,
         "moe_router_activation_func": "sigmoid",
         "moe_renormalize": True,
@@ -431,31 +477,55 @@ def build_tiny_checkpoint(out_dir, **options) -> Path:
     return out
 
 
+def _layer_numbers(text: str) -> tuple[int, ...]:
+    """--full-attn-layers: a comma list of 1-based layer numbers ("" = no MLA layer)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of 1-based layer numbers such as 1,5, got {text!r}") from None
+
+
 def _parse(argv: list[str] | None) -> tuple[Path, dict]:
-    d = TinyOptions()
+    choices = list(LAYOUTS)
+    pre = argparse.ArgumentParser(prog="python -m vllm_kimi_linear.builder", add_help=False)
+    pre.add_argument("--layout", choices=choices, default="tiny")
+    layout = pre.parse_known_args(argv)[0].layout
+    d = TinyOptions(**LAYOUTS[layout])  # the preset's values become the defaults
     p = argparse.ArgumentParser(prog="python -m vllm_kimi_linear.builder",
                                 description="Write a tiny random-weight Kimi Linear checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("outdir", type=Path, help="directory to write (created if missing)")
+    p.add_argument("--layout", choices=choices, default="tiny",
+                   help="named preset (LAYOUTS) whose values replace the defaults below; options "
+                        "given explicitly still override it")
     helps = {
-        "hidden": "hidden_size", "layers": "num_hidden_layers (1-based multiples of 4 are MLA)",
+        "hidden": "hidden_size",
+        "layers": "num_hidden_layers (1-based multiples of 4 are MLA unless --full-attn-layers)",
         "kda_heads": "KDA heads H", "kda_head_dim": "KDA head_dim D",
         "conv_kernel": "KDA short_conv_kernel_size", "mla_heads": "MLA heads",
         "kv_lora_rank": "MLA kv_lora_rank", "qk_nope": "qk_nope_head_dim",
         "qk_rope": "qk_rope_head_dim (no rotary is applied)", "v_head": "v_head_dim",
         "experts": "routed experts", "topk": "num_experts_per_token",
         "shared_experts": "num_shared_experts", "moe_inter": "moe_intermediate_size",
-        "inter": "intermediate_size (dense MLP of layer 0)",
+        "inter": "intermediate_size (dense MLP of the first --dense-layers layers)",
+        "dense_layers": "first_k_dense_replace, 0..layers: layers 0..N-1 (0-based) use the "
+                        "dense MLP",
         "vocab": f"tokenizer size incl. special tokens, {MIN_VOCAB}..{MAX_VOCAB}",
         "seed": "weight seed",
     }
     for name, text in helps.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(d, name),
                        help=text)
-    p.add_argument("--all-mla", action="store_true", help="every layer MLA (no KDA layers)")
+    p.add_argument("--all-mla", action="store_true", default=d.all_mla,
+                   help="every layer MLA (no KDA layers)")
+    p.add_argument("--full-attn-layers", type=_layer_numbers, default=d.full_attn_layers,
+                   metavar="1,5", help="1-based MLA layers, comma-separated; the rest are KDA. "
+                                       "None: every 4th (all with --all-mla)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype,
                    help="weight dtype (A_log, dt_bias, e_score_correction_bias stay float32)")
     a = vars(p.parse_args(argv))
+    a.pop("layout")
     return a.pop("outdir"), a
 
 
@@ -470,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(math.prod(s.shape) for s in tensor_specs(cfg))
     lin = cfg["linear_attn_config"]
     print(f"wrote {path}: {cfg['num_hidden_layers']} layers (KDA {lin['kda_layers']}, "
-          f"MLA {lin['full_attn_layers']}, 1-based), vocab {cfg['vocab_size']}, "
-          f"{n / 1e6:.2f}M parameters, {cfg['torch_dtype']}")
+          f"MLA {lin['full_attn_layers']}, 1-based; {cfg['first_k_dense_replace']} dense), "
+          f"vocab {cfg['vocab_size']}, {n / 1e6:.2f}M parameters, {cfg['torch_dtype']}")
     return 0
 
 

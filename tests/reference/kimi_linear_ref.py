@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,14 +139,37 @@ def _hi(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+_ROUND_TO: torch.dtype | None = None  # set only inside rounded_activations()
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    return x if _ROUND_TO is None else x.to(_ROUND_TO).to(x.dtype)
+
+
+@contextmanager
+def rounded_activations(dtype: torch.dtype = torch.bfloat16):
+    """Inside the block, every linear layer's input and output and every RMSNorm's output are
+    rounded to `dtype` (the arithmetic stays in the model's compute dtype; router logits stay
+    unrounded, as vLLM computes them in fp32). That is the least rounding a server running in
+    `dtype` does, so the difference it makes to the float64 result is the precision floor a
+    served bf16 model is measured against (tests/gpu)."""
+    global _ROUND_TO
+    saved, _ROUND_TO = _ROUND_TO, dtype
+    try:
+        yield
+    finally:
+        _ROUND_TO = saved
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * weight, in (at least) fp32; no "+1" on the weight."""
     h = _hi(x)
-    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * _hi(weight)).to(x.dtype)
+    return _round((h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * _hi(weight)).to(x.dtype))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x @ weight.T  # no Linear of the model has a bias
+def linear(x: torch.Tensor, weight: torch.Tensor, round_output: bool = True) -> torch.Tensor:
+    y = _round(x) @ weight.T  # no Linear of the model has a bias
+    return _round(y) if round_output else y
 
 
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -242,7 +266,7 @@ def moe(m: RefModel, i: int, x: torch.Tensor) -> torch.Tensor:
     c = m.config
     p = f"model.layers.{i}.block_sparse_moe."
     E, topk = c["num_experts"], c["num_experts_per_token"]
-    scores = torch.sigmoid(_hi(linear(x, m.w[p + "gate.weight"])))               # [T, E]
+    scores = torch.sigmoid(_hi(linear(x, m.w[p + "gate.weight"], round_output=False)))               # [T, E]
     chosen = torch.topk(scores + _hi(m.w[p + "gate.e_score_correction_bias"]), topk, dim=-1).indices
     weights = scores.gather(-1, chosen)
     if c["moe_renormalize"]:
