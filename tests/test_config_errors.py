@@ -232,3 +232,11 @@ def test_checkpoint_dtype_must_be_floating_point(tiny, tmp_path):
                                match=r"tensor model.norm.weight has dtype (I32|F8_E4M3), but this "
                                      r"plugin loads unquantized floating-point weights"):
                 check_checkpoint(cfg, d)
+
+
+def test_speculative_decoding_is_refused_at_config_time():
+    """The KDA layer keeps no draft-token state: the config hook refuses, before any worker."""
+    from vllm_kimi_linear.hooks import KimiLinearConfigHook
+    with pytest.raises(ValueError, match="does not support speculative decoding yet: serve without "
+                                         "--speculative-config"):
+        KimiLinearConfigHook.verify_and_update_config(SimpleNamespace(speculative_config=object()))

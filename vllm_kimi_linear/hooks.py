@@ -14,6 +14,11 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
     def verify_and_update_config(cls, vllm_config) -> None:
         from vllm.platforms import current_platform
 
+        if getattr(vllm_config, "speculative_config", None) is not None:
+            # The KDA layer has no draft-token state yet (vLLM's metadata carries spec fields it
+            # would ignore): refuse here rather than serve wrong tokens.
+            raise ValueError("Kimi Linear (vllm-kimi-linear) does not support speculative decoding "
+                             "yet: serve without --speculative-config")
         mc = vllm_config.model_config
         on_cpu = current_platform.is_cpu()
         cfg = raw_config(mc.hf_config, mc.model)

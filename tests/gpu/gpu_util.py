@@ -1,0 +1,207 @@
+"""What the GPU serving tests share: server configurations, one `vllm serve` per configuration,
+log-probabilities over the OpenAI API, the two float64 references, and the results file.
+
+Which implementation serves is chosen by $KIMI_GPU_IMPL: "plugin" (this project, loaded through
+its entry point) or "intree" (vLLM's own KimiLinearForCausalLM, the anchor: the plugin is not
+loaded, VLLM_PLUGINS names none). Every comparison is appended to
+$KIMI_GPU_RESULTS/gpu_checks.jsonl (one JSON object per check), which RESULTS documents quote.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from loadtests.serve import free_port, running_process
+
+IMPL = os.environ.get("KIMI_GPU_IMPL", "plugin")
+SERVED = "kimi-linear"
+RESULTS = Path(os.environ.get("KIMI_GPU_RESULTS", "gpu-results"))
+
+# KIMI_GPU_DRY_RUN_ON_CPU=1 runs the module's plumbing against a CPU server (no graphs there):
+# for editing these tests without spending GPU time; the results mean nothing for the GPU.
+DRY_RUN_ON_CPU = os.environ.get("KIMI_GPU_DRY_RUN_ON_CPU") == "1"
+requires_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() or DRY_RUN_ON_CPU),
+    reason="requires CUDA (an NVIDIA GPU) and vLLM's CUDA build: see tests/gpu/README.md")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One `vllm serve` of one checkpoint. `args` are the flags beyond vLLM's defaults."""
+    name: str
+    layout: str  # a vllm_kimi_linear.builder.LAYOUTS key
+    dtype: str  # the checkpoint's dtype; the server runs in it
+    args: tuple[str, ...] = ()
+    features: frozenset = field(default_factory=frozenset)  # which checks apply
+
+    def __post_init__(self):
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype}")
+
+
+CONFIGS = {
+    # vLLM's defaults: CUDA graphs (breakable piecewise + FULL decode), async scheduling,
+    # chunked prefill, prefix caching; the bf16 checkpoint served as it is
+    "bf16": ServerConfig("bf16", "tiny", "bfloat16", (),
+                         frozenset({"concurrency", "abort", "prefix", "state", "bad_input"})),
+    # a pool small enough to preempt (blocks of 128 tokens on the GPU, as vLLM aligns MLA with
+    # the KDA state pages: one 2048-token request needs 16 MLA + 6 KDA blocks), prompts
+    # prefilled in chunks of 256 tokens
+    "bf16-small": ServerConfig("bf16-small", "tiny", "bfloat16",
+                               ("--max-model-len", "2048", "--max-num-batched-tokens", "256",
+                                "--max-num-seqs", "8", "--num-gpu-blocks-override", "24"),
+                               frozenset({"preempt", "prefix"})),
+    "fp32": ServerConfig("fp32", "tiny", "float32", ("--dtype", "float32"), frozenset()),
+    # MLA first, two dense layers, 3 KDA heads, 5 MLA heads, 7 experts (top 3)
+    "mla-first": ServerConfig("mla-first", "mla-first", "bfloat16", (), frozenset()),
+}
+
+
+def selected_configs() -> list[str]:
+    names = os.environ.get("KIMI_GPU_CONFIGS")
+    return names.split(",") if names else list(CONFIGS)
+
+
+# Tolerances on |served - reference| of the log-probability of each prompt (or generated) token
+# for a float32 server: both sides compute in (at least) float32; what remains is float32
+# rounding, the order of reductions and any tf32 matrix products (relative error ~5e-4) in the
+# GPU kernels: the CPU suite holds 2e-3 at its worst position. bf16 servers are held to a floor
+# measured per check instead (test_gpu_serving.check).
+TOLERANCE = {"float32": {"mean": 2e-3, "p99": 1e-2, "max": 3e-2}}
+
+
+def record(config: str, check: str, **values) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    row = {"impl": IMPL, "config": config, "check": check, "time": time.strftime("%H:%M:%S"), **values}
+    with open(RESULTS / "gpu_checks.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def diff_stats(got: torch.Tensor, want: torch.Tensor) -> dict:
+    d = (got.double() - want.double()).abs()
+    return {"n": int(d.numel()), "median": float(d.median()), "mean": float(d.mean()),
+            "p99": float(d.quantile(0.99)),
+            "max": float(d.max()), "argmax": int(d.argmax())}
+
+
+def assert_within(stats: dict, dtype: str, what: str) -> None:
+    tol = TOLERANCE[dtype]
+    bad = {k: (stats[k], tol[k]) for k in tol if not stats[k] <= tol[k]}
+    assert not bad, f"{what}: |served - reference| over the {dtype} tolerance: {bad} ({stats})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Served:
+    config: ServerConfig
+    base: str  # http://host:port
+    model_dir: Path
+    log_path: Path
+    startup_s: float
+
+    def post(self, path: str, body: dict, timeout: float = 300) -> requests.Response:
+        return requests.post(self.base + path, json=body, timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def impl_env() -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if IMPL == "intree":
+        env["VLLM_PLUGINS"] = ""  # load no general plugin: vLLM's own Kimi Linear serves
+        # vLLM's in-tree Kimi Linear imports a CUTLASS-DSL GEMM at start-up unless these are off
+        env.setdefault("VLLM_KIMI_K3_GEMM_AR", "0")
+        env.setdefault("VLLM_ENABLE_GEMM_RS", "0")
+    elif IMPL == "plugin":
+        env["VLLM_PLUGINS"] = "kimi_linear"  # the model, and the state route + gauges
+    else:
+        raise ValueError(f"KIMI_GPU_IMPL must be plugin or intree, got {IMPL!r}")
+    return env
+
+
+@contextmanager
+def serve(config: ServerConfig, workdir: Path, timeout: float = 600):
+    from vllm_kimi_linear.builder import LAYOUTS, build_tiny_checkpoint
+    model_dir = build_tiny_checkpoint(workdir / f"{config.layout}-{config.dtype}", dtype=config.dtype,
+                                      **LAYOUTS[config.layout])
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
+           "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), *config.args]
+    log_path = RESULTS / f"server-{IMPL}-{config.name}.log"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with running_process(cmd, impl_env(), log_path, timeout=timeout,
+                         ready=lambda: requests.get(base + "/v1/models", timeout=2).status_code == 200):
+        served = Served(config, base, model_dir, log_path, time.time() - t0)
+        record(config.name, "startup", seconds=round(served.startup_s, 1), args=list(config.args))
+        yield served
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities through the OpenAI-compatible API
+# ---------------------------------------------------------------------------------------------
+
+def prompt_logprobs(s: Served, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """(log p(ids[t] | ids[:t]) for t >= 1, the server's top-1 token at each of those positions)."""
+    r = s.post("/v1/completions", {"model": SERVED, "prompt": ids, "max_tokens": 1, "temperature": 0,
+                                   "prompt_logprobs": 1})
+    assert r.status_code == 200, r.text
+    plp = r.json()["choices"][0]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids), (len(plp), len(ids))
+    lp, top = [], []
+    for t in range(1, len(ids)):
+        entries = plp[t]
+        lp.append(entries[str(ids[t])]["logprob"])
+        top.append(int(min(entries, key=lambda k: entries[k]["rank"])))
+    return torch.tensor(lp, dtype=torch.float64), top
+
+
+def generate(s: Served, ids: list[int], n: int, stream: bool = False) -> tuple[list[int], torch.Tensor]:
+    """Greedy continuation of `n` tokens: (token ids, the server's log-probability of each)."""
+    body = {"model": SERVED, "prompt": ids, "max_tokens": n, "temperature": 0, "logprobs": 0,
+            "ignore_eos": True, "return_tokens_as_token_ids": True}
+    r = s.post("/v1/completions", body)
+    assert r.status_code == 200, r.text
+    lps = r.json()["choices"][0]["logprobs"]
+    toks = [int(t.split(":", 1)[1]) for t in lps["tokens"]]
+    assert len(toks) == n, lps
+    return toks, torch.tensor(lps["token_logprobs"], dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two references, float64 on the CPU, of the checkpoint's exact weights
+# ---------------------------------------------------------------------------------------------
+
+class References:
+    """tests/reference (written from the equations) and Hugging Face transformers' own
+    KimiLinearForCausalLM, loaded once per checkpoint."""
+
+    def __init__(self, model_dir: Path):
+        from tests.reference import hf_ref, kimi_linear_ref
+        self.ours_mod, self.hf_mod = kimi_linear_ref, hf_ref
+        self.ours = kimi_linear_ref.load(model_dir, dtype=torch.float64)
+        eps = json.loads((Path(model_dir) / "config.json").read_text())["rms_norm_eps"]
+        # vLLM (in-tree and plugin) builds kv_a_layernorm with rms_norm_eps; HF hard-codes 1e-6
+        self.hf = hf_ref.load(model_dir, dtype=torch.float64, kv_a_layernorm_eps=eps)
+
+    def logits(self, ids) -> torch.Tensor:
+        return self.ours_mod.forward(self.ours, ids).double()
+
+    def prompt_logprobs(self, ids) -> dict[str, torch.Tensor]:
+        return {"ref": self.ours_mod.prompt_logprobs(self.ours, ids).double(),
+                "hf": self.hf_mod.prompt_logprobs(self.hf, ids).double()}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU serving tests on the lent H200, after ../shared/gpu-vllm/README.md's install step.
+#   tests/gpu/run_on_device.sh IMPL [CONFIGS] [pytest args...]
+# IMPL: plugin (this project) or intree (vLLM's own Kimi Linear, the anchor); CONFIGS: a comma
+# list of tests/gpu/gpu_util.py CONFIGS (default all). Results under $OUT (or ./gpu-results):
+# gpu_checks.jsonl (every comparison), pytest-IMPL.log, junit-IMPL.xml, logs-IMPL.tgz (servers).
+set -uo pipefail
+impl="${1:-plugin}"; configs="${2:-}"; shift $(( $# < 2 ? $# : 2 ))
+out="${OUT:-$PWD/gpu-results}"; mkdir -p "$out/work"
+export PYTHONPATH=/tmp/site
+if [ "$impl" = plugin ]; then
+  # the plugin as pip installs it (entry points), from this working tree
+  rm -rf /tmp/plugin && python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/plugin . \
+    || { echo "plugin install failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site:/tmp/plugin
+fi
+export KIMI_GPU_IMPL="$impl" KIMI_GPU_CONFIGS="$configs" KIMI_GPU_RESULTS="$out/work" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+python3 -c "import torch, vllm, transformers; print('torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
+start=$(date +%s)
+python3 -m pytest tests/gpu -v -rs -p no:cacheprovider --junitxml "$out/junit-$impl.xml" "$@" 2>&1 | tee "$out/pytest-$impl.log"
+rc=${PIPESTATUS[0]}
+echo "pytest exit $rc after $(( $(date +%s) - start )) s"
+cp "$out/work/gpu_checks.jsonl" "$out/gpu_checks-$impl.jsonl" 2>/dev/null
+tar czf "$out/logs-$impl.tgz" -C "$out/work" . && rm -rf "$out/work"
+exit $rc
