@@ -240,3 +240,30 @@ def test_speculative_decoding_is_refused_at_config_time():
     with pytest.raises(ValueError, match="does not support speculative decoding yet: serve without "
                                          "--speculative-config"):
         KimiLinearConfigHook.verify_and_update_config(SimpleNamespace(speculative_config=object()))
+
+
+def _cuda_config(dtype, nope=128, rope=64, v=128):
+    hf = SimpleNamespace(qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v)
+    return SimpleNamespace(model_config=SimpleNamespace(dtype=dtype, hf_config=hf))
+
+
+def test_cuda_refuses_float32_and_mla_dims_no_prefill_kernel_takes():
+    """On CUDA the config hook asks vLLM's MLA prefill selector (here: a stand-in that accepts
+    only the published dims, as vLLM's FLASH_ATTN prefill on Hopper does) before any worker."""
+    from vllm.v1.attention.backends.mla.prefill.base import MLADimensions
+
+    from vllm_kimi_linear.cuda_checks import check_cuda_mla
+
+    class Hopper:
+        @staticmethod
+        def get_mla_prefill_backend_cls(sel):
+            if sel.mla_dimensions != MLADimensions(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128):
+                raise ValueError(f"No valid MLA prefill backend found with {sel}")
+            return object
+
+    check_cuda_mla(_cuda_config(torch.bfloat16), Hopper)
+    with pytest.raises(ValueError, match="no float32 MLA attention kernel; serve with --dtype bfloat16"):
+        check_cuda_mla(_cuda_config(torch.float32), Hopper)
+    with pytest.raises(ValueError, match=r"takes qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64 .*"
+                                         r"--qk-nope 128 --qk-rope 64 --v-head 128"):
+        check_cuda_mla(_cuda_config(torch.bfloat16, nope=64, v=64), Hopper)

@@ -24,3 +24,6 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
         cfg = raw_config(mc.hf_config, mc.model)
         validate_config(cfg, tp_size=vllm_config.parallel_config.tensor_parallel_size, on_cpu=on_cpu)
         check_checkpoint(cfg, mc.model)
+        if current_platform.is_cuda():
+            from .cuda_checks import check_cuda_mla
+            check_cuda_mla(vllm_config, current_platform)
