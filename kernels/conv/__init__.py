@@ -7,22 +7,16 @@ CUDA and "torch" elsewhere.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..backend import resolve_backend
 from .causal_conv1d import check_conv_args, causal_conv1d_torch, causal_conv1d_update_torch
 
 CONV_BACKENDS = ("torch", "triton")
 
 
 def resolve_conv_backend(device: torch.device, backend: str | None = None) -> str:
-    backend = backend or os.environ.get("KDA_CONV_BACKEND") or None
-    if backend is None:
-        return "triton" if device.type == "cuda" else "torch"
-    if backend not in CONV_BACKENDS:
-        raise ValueError(f"unknown conv backend {backend!r}: choose one of {CONV_BACKENDS}")
-    return backend
+    return resolve_backend(device, backend, "KDA_CONV_BACKEND", CONV_BACKENDS, "conv")
 
 
 def causal_conv1d(x, weight, cu_seqlens=None, conv_states=None, state_indices=None,

@@ -6,10 +6,9 @@ installed). `backend=None` reads $KDA_BACKEND, else picks "triton" on CUDA and "
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..backend import resolve_backend as pick_backend
 from .args import check_kda_args
 from .cpu import chunk_kda_torch, fused_recurrent_kda_torch
 from .gate import kda_gate
@@ -18,11 +17,7 @@ BACKENDS = ("torch", "triton", "fla")
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    backend = backend or os.environ.get("KDA_BACKEND") or None
-    if backend is None:
-        return "triton" if device.type == "cuda" else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown KDA backend {backend!r}: choose one of {BACKENDS}")
+    backend = pick_backend(device, backend, "KDA_BACKEND", BACKENDS, "KDA")
     if backend == "fla" and device.type != "cuda":
         raise ValueError("backend='fla' runs on CUDA only; use 'torch' on CPU")
     return backend

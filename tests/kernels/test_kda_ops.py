@@ -203,6 +203,22 @@ def test_triton_varlen_and_bf16():
         check(o, s, ro, rs, 2e-2)
 
 
+def test_triton_chunk_with_a_prebuilt_layout():
+    """The layer's path: the chunk layout built on the host (as vLLM's metadata builder does,
+    vllm_kimi_linear/kda_metadata.py) and handed in, so the call reads no device tensor."""
+    from kernels.kda.args import chunk_layout_host
+    lens = [3, 130, 64, 1]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    (q, k, v, g, beta), h0 = make(sum(lens), 2, 64, 32, N=len(lens))
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    layout = tuple(torch.tensor(x, dtype=torch.int32) for x in chunk_layout_host(bounds))
+    assert torch.equal(layout[3], cu)
+    ro, rs = reference(q, k, v, g, beta, h0, cu)
+    o, s = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                     backend="triton", chunk_layout=layout)
+    check(o, s, ro, rs, 1e-4)
+
+
 def test_kda_gate_matches_naive():
     H, K = 4, 64
     f = torch.randn(3, 7, H * K) * 4
