@@ -48,3 +48,26 @@ def test_register_is_reentrant():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "vllm_kimi_linear.model"
+
+
+def test_the_wheel_installs_two_import_names_and_no_generic_kernels(tmp_path):
+    """`pip install` puts vllm_kimi_linear and kimi_kda on sys.path, nothing named `kernels`
+    (Hugging Face publishes a package of that name; transformers probes for it)."""
+    import zipfile
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"vllm_kimi_linear", "kimi_kda"}, top
+    assert "kimi_kda/conv/triton_conv.py" in names and "kimi_kda/kda/triton_chunk.py" in names
+
+
+def test_kimi_kda_imports_without_vllm(tmp_path):
+    probe = ("import sys; sys.modules['vllm'] = None\n"
+             "import kimi_kda, kimi_kda.kda.triton_chunk, kimi_kda.conv.triton_conv\n"
+             "print(kimi_kda.chunk_kda.__module__)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "kimi_kda.kda", out.stderr[-3000:]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.conv import causal_conv1d, causal_conv1d_update
+from kimi_kda.conv import causal_conv1d, causal_conv1d_update
 
 
 def conv_reference(x, weight, prefix):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kda import chunk_kda, fused_recurrent_kda, kda_gate
-from kernels.kda.reference import naive_references
+from kimi_kda.kda import chunk_kda, fused_recurrent_kda, kda_gate
+from tests.kernels.reference import naive_references
 
 naive_recurrent64, naive_chunk64, naive_kda_gate = naive_references()
 BACKENDS = ["torch", "triton"]
@@ -206,7 +206,7 @@ def test_triton_varlen_and_bf16():
 def test_triton_chunk_with_a_prebuilt_layout():
     """The layer's path: the chunk layout built on the host (as vLLM's metadata builder does,
     vllm_kimi_linear/kda_metadata.py) and handed in, so the call reads no device tensor."""
-    from kernels.kda.args import chunk_layout_host
+    from kimi_kda.kda.args import chunk_layout_host
     lens = [3, 130, 64, 1]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     (q, k, v, g, beta), h0 = make(sum(lens), 2, 64, 32, N=len(lens))

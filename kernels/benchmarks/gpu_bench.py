@@ -2,7 +2,7 @@
 
 One run does everything (the GPU machine is lent by the minute):
 
-    python -m kernels.gpu_bench --out DIR [--sections ceilings,check,tune,profile,prefill,decode,mla]
+    python kernels/benchmarks/gpu_bench.py --out DIR [--sections ceilings,check,tune,profile,prefill,decode,mla]
 
 1. ceilings: device-to-device copy bandwidth and a bf16 8192^3 matmul on random data.
 2. check:    our `chunk_kda` / `fused_recurrent_kda` (Triton) against fla-core's Triton kernels and
@@ -27,15 +27,21 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import triton
 import triton.testing
 
-from kernels.kda import chunk_kda, fused_recurrent_kda
-from kernels.kda.cpu import chunk_kda_torch, fused_recurrent_kda_torch
+# Run as a script from a checkout (the GPU machine has no install of this package): the
+# operators (kernels/) and the tests' float64 reference (repo root) are found beside this file.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
+
+from kimi_kda.kda import chunk_kda, fused_recurrent_kda
+from kimi_kda.kda.cpu import chunk_kda_torch, fused_recurrent_kda_torch
 
 RESULTS: dict = {}
 
@@ -109,7 +115,7 @@ def check():
     from fla.ops.kda import chunk_kda as fla_chunk
     from fla.ops.kda import fused_recurrent_kda as fla_rec
     from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_rec_fwd
-    from kernels.kda.reference import naive_references
+    from tests.kernels.reference import naive_references
     naive_rec, _, _ = naive_references()
     rows = []
 
@@ -215,7 +221,7 @@ def prefill(lengths, H):
 def decode(batches, H):
     # fla's public wrapper refuses a state pool with cu_seqlens; vLLM calls the forward directly
     from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_rec
-    from kernels.kda.triton_recurrent import fused_recurrent_kda_triton
+    from kimi_kda.kda.triton_recurrent import fused_recurrent_kda_triton
     K = V = 128
     slots = 512
     pool = torch.randn(slots, H, K, V, device="cuda")
@@ -283,7 +289,7 @@ def kernel_report(fn):
 def profile(T, H, cfgs=({},)):
     """Per-kernel CUDA time of one prefill, ours (each config) and fla's; registers and spills."""
     from fla.ops.kda import chunk_kda as fla_chunk
-    from kernels.kda import triton_chunk
+    from kimi_kda.kda import triton_chunk
     q, k, v, g, beta, _ = inputs(T, H)
     out = {}
     runs = [(f"ours {c}", lambda c=c: triton_chunk.chunk_kda_triton(q, k, v, g, beta, **c)) for c in cfgs]
@@ -325,8 +331,8 @@ def tune(T, H):
     time, output distance from fla's: a broken variant shows as a large distance); the best of
     each group are then combined, timed, and become the defaults for the rest of this run."""
     from fla.ops.kda import chunk_kda as fla_chunk
-    from kernels.kda import triton_chunk
-    from kernels.kda.triton_chunk import chunk_kda_triton
+    from kimi_kda.kda import triton_chunk
+    from kimi_kda.kda.triton_chunk import chunk_kda_triton
     q, k, v, g, beta, h0 = inputs(T, H)
     fo, fs = fla_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     groups = {

@@ -1,6 +1,6 @@
 """Triton chunked KDA prefill (forward only), in six launches over chunks of 64 tokens.
 
-The algebra is the one in `kernels/kda/cpu.py` (UT transform, then a state pass); the intra-chunk
+The algebra is the one in `kimi_kda/kda/cpu.py` (UT transform, then a state pass); the intra-chunk
 stage follows fla-core's structure (token-parallel diagonal blocks, off-diagonal blocks fused with
 the triangular solve, then w and u), with our own state and output passes:
   1. `_cumsum_kernel`  per chunk: gc = cumulative log-decay inside the chunk (fp32).

@@ -1,6 +1,6 @@
 """KDA in plain PyTorch: the chunked prefill and the token-by-token recurrence (the CPU path).
 
-Both run on any device; on CUDA the Triton kernels are preferred (see `kernels.kda`).
+Both run on any device; on CUDA the Triton kernels are preferred (see `kimi_kda.kda`).
 
 Chunked form, per chunk of C tokens and head (gc = cumulative log-decay inside the chunk, so
 exp(gc_t - gc_s) is the decay from token s to token t, <= 1 for s <= t):

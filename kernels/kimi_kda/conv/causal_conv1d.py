@@ -5,7 +5,7 @@ conv-state pool [num_slots, dim, width - 1] holding each request's last width-1 
 first (any strides: a transposed view of a [num_slots, width - 1, dim] buffer works too).
 A negative slot index marks a padded entry: it is skipped and no slot is touched.
 Plain PyTorch, the CPU path: it reads sequence bounds on the host, so on a GPU use the Triton
-kernels (`triton_conv.py`), which `kernels.conv` picks there.
+kernels (`triton_conv.py`), which `kimi_kda.conv` picks there.
 """
 from __future__ import annotations
 

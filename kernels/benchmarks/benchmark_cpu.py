@@ -1,6 +1,6 @@
 """CPU benchmark: our chunked KDA against fla-core's naive references, side by side.
 
-    python -m kernels.benchmark_cpu [--lengths 1024 4096 16384] [--json kda_cpu_bench.json]
+    python kernels/benchmarks/benchmark_cpu.py [--lengths 1024 4096 16384] [--json kda_cpu_bench.json]
 
 Runs are interleaved (ours, naive_recurrent, naive_chunk, ours, ...) and each ratio is the median
 of per-round ratios, so a noisy machine shifts both sides of a ratio together. B=1, H=4,
@@ -12,11 +12,17 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from kernels.kda.cpu import chunk_kda_torch, fused_recurrent_kda_torch
+# Run as a script from a checkout (the GPU machine has no install of this package): the
+# operators (kernels/) and the tests' float64 reference (repo root) are found beside this file.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
+
+from kimi_kda.kda.cpu import chunk_kda_torch, fused_recurrent_kda_torch
 
 
 def _inputs(T, H=4, K=128, V=128, seed=0):

@@ -1,13 +1,13 @@
 """One chunk_kda call at a given shape against fla-core's, in its own process (for bisecting faults).
 
-    CUDA_LAUNCH_BLOCKING=1 python -m kernels.gpu_smoke T H [state_bv] [stages]
+    CUDA_LAUNCH_BLOCKING=1 python kernels/benchmarks/gpu_smoke.py T H [state_bv] [stages]
 """
 import sys
 
 import torch
 
-from kernels.gpu_bench import inputs, rel
-from kernels.kda.triton_chunk import chunk_kda_triton
+from gpu_bench import inputs, rel
+from kimi_kda.kda.triton_chunk import chunk_kda_triton
 
 if __name__ == "__main__":
     T, H = int(sys.argv[1]), int(sys.argv[2])
