@@ -1,7 +1,7 @@
 """One vLLM engine in the test process, as the e2e and state-manager modules use it.
 
     with kimi_llm(model_dir, max_num_batched_tokens=16) as llm: ...
-    state(llm)           # the engine core's {"layout", "usage"} (vllm_kimi_linear.state_manager)
+    state(llm)           # the engine core's {"layout", "usage"} (vllm_kimi_linear.state_manager, via patches/engine_core.py)
     greedy(8)            # SamplingParams for greedy decoding of exactly 8 tokens
     prompt(3000, salt)   # deterministic token ids spread over the tiny vocabulary
 
@@ -43,17 +43,21 @@ def kimi_llm(model_dir, env: dict | None = None, **engine_kw):
     from vllm import LLM
     kw = dict(dtype="float32", enforce_eager=True, seed=0)
     kw.update(engine_kw)
-    llm = LLM(model=str(model_dir), **kw)
     try:
-        yield llm
+        llm = LLM(model=str(model_dir), **kw)
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+        # The engine's processes have started with `wanted`; this process gets its own environment
+        # back at once: Triton (imported by fla's references here) reads TRITON_INTERPRET lazily.
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
 
 
 def state(llm) -> dict:

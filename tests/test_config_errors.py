@@ -195,7 +195,7 @@ def test_cpu_mla_backend_is_chosen_for_every_x86_cpu():
     worker; for Kimi Linear the plugin picks CPU_MLA unless a backend is named."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from vllm_kimi_linear.cpu_platform import choose_mla_backend
+    from vllm_kimi_linear.patches.cpu_platform import choose_mla_backend
 
     def config(backend, dtype):
         return SimpleNamespace(attention_config=SimpleNamespace(backend=backend),

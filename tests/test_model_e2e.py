@@ -34,7 +34,7 @@ def test_engine_uses_our_model(llm):
     cfg = llm.llm_engine.vllm_config
     assert cfg.model_config.architecture == "KimiLinearForCausalLM"
     assert cfg.model_config.is_hybrid and cfg.model_config.use_mla
-    # vLLM CPU turns both off for MLA models; the plugin keeps them (vllm_kimi_linear.cpu_platform)
+    # vLLM CPU turns both off for MLA models; the plugin keeps them (vllm_kimi_linear.patches.cpu_platform)
     assert cfg.cache_config.enable_prefix_caching and cfg.scheduler_config.enable_chunked_prefill
 
 

@@ -71,3 +71,20 @@ def test_kimi_kda_imports_without_vllm(tmp_path):
              "print(kimi_kda.chunk_kda.__module__)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "kimi_kda.kda", out.stderr[-3000:]
+
+
+def test_every_patch_is_in_the_table_and_checks_the_vllm_release():
+    import warnings
+
+    import pytest
+
+    from vllm_kimi_linear import patches
+    doc = patches.__doc__
+    for name in patches.ALL + patches.CPU_ONLY:
+        assert f"| `{name}` |" in doc, f"patches/{name}.py is missing from the table in patches/__init__.py"
+    assert patches.written_for("probe", "0.32.0+cpu") and patches.written_for("probe", "0.32.3")
+    with pytest.warns(RuntimeWarning, match=r"probe2 changes a vLLM object as vLLM 0.32 has it; this is vLLM 0.33.0"):
+        assert not patches.written_for("probe2", "0.33.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not patches.written_for("probe2", "0.33.0")  # once per module

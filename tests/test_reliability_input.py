@@ -326,7 +326,7 @@ def test_without_the_right_key_401(server, path, method, headers):
     ("/tokenize", {"model": M, "prompt": "hi"}),
 ], ids=["invocations", "generative_scoring", "tokenize"])
 def test_inference_routes_outside_v1_need_the_key_too(server, path, body):
-    # vLLM guards /v1, /v2, /inference, /cohere; the plugin adds these (guard_inference_routes)
+    # vLLM guards /v1, /v2, /inference, /cohere; the plugin adds these (patches/api_key_guard.py)
     r = requests.post(server.url(path), json=body, timeout=60)
     assert r.status_code == 401, (r.status_code, r.text[:300])
     r = requests.post(server.url(path), json=body, headers=AUTH, timeout=60)
@@ -353,7 +353,7 @@ def test_seeded_sampling_is_served_and_reproducible(server, probe_text, n):
     """A seeded sampled request whose prompt (20 tokens) the scheduler prefills in pieces (16 + 4:
     block-aligned for the KDA prefix cache; the second time, 4 after a prefix hit) is answered,
     the same both times. This used to kill the engine on CPU: vLLM rewinds a discarded sample's
-    generator by its Philox offset, which CPU generators lack (vllm_kimi_linear/cpu_platform.py
+    generator by its Philox offset, which CPU generators lack (vllm_kimi_linear/patches/cpu_model_runner.py
     now rewinds by state)."""
     body = chat_body("Tell a long story.", 24, temperature=0.8, seed=7, n=n)
     first = post(server, body)

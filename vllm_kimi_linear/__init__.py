@@ -20,18 +20,9 @@ def register() -> None:
     from .hooks import KimiLinearConfigHook
     MODELS_CONFIG_MAP[ARCH] = KimiLinearConfigHook
 
-    from . import state_manager
-    state_manager.install()  # the layout log line and the engine-core utility the route reads
-    from .endpoints import guard_inference_routes
-    guard_inference_routes()  # --api-key also protects /invocations, /tokenize, ...
-
     # config.json's model_type "kimi_linear" already maps to vLLM's KimiLinearConfig (no
     # trust_remote_code needed); our own checks run in the hook above.
     from vllm.platforms import current_platform
-    if current_platform.is_cpu():
-        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-        register_backend(AttentionBackendEnum.CPU_MLA, "vllm_kimi_linear.cpu_mla.CPUMLAAnyBlock")
-        from .cpu_mla import install_runner_fix
-        install_runner_fix()  # vLLM zeroes new blocks at the wrong place once MLA blocks are split
-        from . import cpu_platform
-        cpu_platform.install()  # chunked prefill + prefix caching, which vLLM CPU drops for MLA
+
+    from . import patches
+    patches.install(on_cpu=current_platform.is_cpu())  # what and why: patches/__init__.py

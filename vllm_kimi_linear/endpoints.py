@@ -9,10 +9,8 @@ Adds to vLLM's OpenAI server
   kimi_linear_blocks_cached, kimi_linear_blocks_total, kimi_linear_prefix_hit_rate.
 vLLM loads endpoint plugins only when VLLM_PLUGINS names them; `deploy/serve-cpu.sh` and the
 deploy manifests set VLLM_PLUGINS=kimi_linear (that one name enables the model and this route).
-Also owns `guard_inference_routes()`, which register() calls in every process: with --api-key,
-vLLM checks the key only under /v1, /v2, /inference and /cohere; the plugin adds the other routes
-that run the model or the tokenizer. And `RejectInvalidUnicode`: request bodies holding text
-that is not Unicode (lone surrogates) get a 400 naming the field.
+Also owns `RejectInvalidUnicode`: request bodies holding text that is not Unicode (lone
+surrogates) get a 400 naming the field. (The --api-key guard on more routes: patches/.)
 """
 from __future__ import annotations
 
@@ -28,21 +26,6 @@ GAUGES = {
     "prefix_hit_rate": "prompt tokens found in the prefix cache / tokens looked up, since start",
 }
 REFRESH_TIMEOUT_S = 5.0
-# Routes that run the model or expose the tokenizer outside vLLM's guarded prefixes (/v1, /v2,
-# /inference, /cohere): with --api-key they would answer anyone. Probes stay open (/health,
-# /ping, /load, /metrics, /version, /kimi-linear/state).
-UNGUARDED_INFERENCE_ROUTES = ("/invocations", "/generative_scoring", "/tokenize", "/detokenize",
-                              "/scale_elastic_ep", "/is_scaling_elastic_ep")
-
-
-def guard_inference_routes() -> None:
-    """Make vLLM's --api-key check cover UNGUARDED_INFERENCE_ROUTES too (its middleware reads the
-    prefix tuple at each request)."""
-    from vllm.entrypoints.serve.middleware import authenticate
-    missing = tuple(r for r in UNGUARDED_INFERENCE_ROUTES if r not in authenticate.GUARDED_PREFIX)
-    authenticate.GUARDED_PREFIX = authenticate.GUARDED_PREFIX + missing
-
-
 class StateCollector:
     """A Prometheus collector over the last state read from the engine core."""
 

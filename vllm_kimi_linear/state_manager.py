@@ -13,9 +13,8 @@ owns what vLLM does not give us:
   sized its cache and returned to code by `engine_state()`;
 * `StateUsage`: KDA slots and MLA blocks in use, free and cached blocks, prefix-cache hits,
   read from the scheduler's KV cache manager;
-* `install()`: adds the utility method `kimi_linear_state` to vLLM's EngineCore (the
-  front-end reaches it through `call_utility_async`, as it does vLLM's own utilities) and the
-  layout log line after the KV cache is initialised.
+* `engine_state()`: what the engine-core utility `kimi_linear_state` returns (installed on
+  vLLM's EngineCore by patches/engine_core.py, with the layout log line).
 Runs in the engine-core process; vllm_kimi_linear.endpoints serves it over HTTP and /metrics.
 """
 from __future__ import annotations
@@ -124,48 +123,3 @@ def engine_state(engine_core) -> dict:
     u = usage(engine_core.scheduler)
     return {"layout": asdict(layout) if layout else None,
             "usage": {**asdict(u), "prefix_hit_rate": u.prefix_hit_rate}}
-
-
-def _keep_prefix_totals(kvm_cls) -> None:
-    """vLLM hands its per-step prefix-cache stats to the front end and resets them (the front
-    end sums them into its Prometheus counters); keep running totals in the engine core too."""
-    original = kvm_cls.make_prefix_cache_stats
-    if getattr(original, "_kimi_linear_wrapped", False):
-        return
-
-    def make_prefix_cache_stats(self):
-        stats = original(self)
-        if stats is not None:
-            q, h = getattr(self, "_kimi_prefix_totals", (0, 0))
-            self._kimi_prefix_totals = (q + stats.queries, h + stats.hits)
-        return stats
-
-    make_prefix_cache_stats._kimi_linear_wrapped = True
-    kvm_cls.make_prefix_cache_stats = make_prefix_cache_stats
-
-
-def install() -> None:
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.engine.core import EngineCore
-
-    if getattr(EngineCore, "kimi_linear_state", None) is not None:
-        return
-    from vllm.logger import init_logger
-
-    from . import ARCH
-    log = init_logger("vllm.kimi_linear")  # under vLLM's logger, so it shows with its lines
-    original_init_kv = EngineCore._initialize_kv_caches
-
-    def _initialize_kv_caches(self, vllm_config):
-        kv_cache_config = original_init_kv(self, vllm_config)
-        if ARCH in (vllm_config.model_config.architectures or []):
-            try:
-                self._kimi_layout = describe_layout(vllm_config, kv_cache_config)
-                log.info(self._kimi_layout.summary())
-            except Exception:  # reporting must never stop an engine from starting
-                log.exception("could not describe the Kimi Linear state layout")
-        return kv_cache_config
-
-    EngineCore._initialize_kv_caches = _initialize_kv_caches
-    EngineCore.kimi_linear_state = engine_state
-    _keep_prefix_totals(KVCacheManager)
