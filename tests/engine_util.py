@@ -45,19 +45,26 @@ def kimi_llm(model_dir, env: dict | None = None, **engine_kw):
     kw.update(engine_kw)
     try:
         llm = LLM(model=str(model_dir), **kw)
-    finally:
-        # The engine's processes have started with `wanted`; this process gets its own environment
-        # back at once: Triton (imported by fla's references here) reads TRITON_INTERPRET lazily.
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    except BaseException:
+        _restore(saved)
+        raise
+    # The engine's processes have started without TRITON_INTERPRET; this process needs it back at
+    # once: Triton (imported lazily by fla's references here) reads it when first imported.
+    _restore({"TRITON_INTERPRET": saved["TRITON_INTERPRET"]})
     try:
         yield llm
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
+        _restore(saved)
+
+
+def _restore(saved: dict) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def state(llm) -> dict:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .config import expected_checkpoint_shapes
+
 # --------------------------------------------------------------------------------------------
 # Options and config
 # --------------------------------------------------------------------------------------------
@@ -201,81 +203,38 @@ class TensorSpec:
     fp32: bool = False  # stored float32 whatever the checkpoint dtype
 
 
-def _linear(name: str, out: int, inp: int, gain: float = 1.0) -> TensorSpec:
-    # std = gain / sqrt(fan_in) keeps every projection's output O(1) for O(1) inputs at any
-    # width; fixed stds like 0.02 would shrink activations layer by layer in a model this narrow.
-    return TensorSpec(name + ".weight", (out, inp), "normal", gain / math.sqrt(inp))
+# std = gain / sqrt(fan_in) keeps every projection's output O(1) for O(1) inputs at any width;
+# fixed stds like 0.02 would shrink activations layer by layer in a model this narrow.
+GAINS = {
+    "f_b_proj.weight": 0.5,  # keeps softplus near dt
+    "lm_head.weight": 4.0,  # logits with std ~4: clear argmax gaps, greedy robust to bf16 noise
+}
 
 
-def _norm(name: str, dim: int) -> TensorSpec:
-    return TensorSpec(name + ".weight", (dim,), "norm", 0.05)
+def tensor_spec(name: str, shape: tuple[int, ...]) -> TensorSpec:
+    """How the builder draws one checkpoint tensor, from its published name and shape."""
+    if name == "model.embed_tokens.weight":
+        return TensorSpec(name, shape, "normal", 1.0)
+    if name.endswith(".A_log"):
+        return TensorSpec(name, shape, "a_log", fp32=True)
+    if name.endswith(".dt_bias"):
+        return TensorSpec(name, shape, "dt_bias", fp32=True)
+    if name.endswith(".e_score_correction_bias"):
+        # comparable to the spread of sigmoid scores, so selection (score + bias) differs from
+        # ranking by score alone and the bias path is exercised
+        return TensorSpec(name, shape, "normal", 0.05, fp32=True)
+    if name.endswith("_conv1d.weight"):
+        return TensorSpec(name, shape, "normal", 1 / math.sqrt(shape[-1]))
+    if len(shape) == 1:  # the RMSNorm weights
+        return TensorSpec(name, shape, "norm", 0.05)
+    gain = next((g for suffix, g in GAINS.items() if name.endswith(suffix)), 1.0)
+    return TensorSpec(name, shape, "normal", gain / math.sqrt(shape[1]))
 
 
 def tensor_specs(cfg: dict) -> list[TensorSpec]:
-    """Every tensor of the checkpoint, named and shaped as in the published one."""
-    hid = cfg["hidden_size"]
-    lin = cfg["linear_attn_config"]
-    H, D, K = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
-    n = cfg["num_attention_heads"]
-    nope, rope, vh, rank = (cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"],
-                            cfg["kv_lora_rank"])
-    E, mi = cfg["num_experts"], cfg["moe_intermediate_size"]
-    shared = mi * cfg["num_shared_experts"]
-
-    specs = [TensorSpec("model.embed_tokens.weight", (cfg["vocab_size"], hid), "normal", 1.0)]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        if i + 1 in lin["kda_layers"]:
-            specs += [_linear(a + x, H * D, hid) for x in ("q_proj", "k_proj", "v_proj")]
-            specs += [TensorSpec(a + f"{x}_conv1d.weight", (H * D, 1, K), "normal", 1 / math.sqrt(K))
-                      for x in "qkv"]
-            specs += [
-                TensorSpec(a + "A_log", (1, 1, H, 1), "a_log", fp32=True),
-                TensorSpec(a + "dt_bias", (H * D,), "dt_bias", fp32=True),
-                _linear(a + "f_a_proj", D, hid),
-                _linear(a + "f_b_proj", H * D, D, gain=0.5),  # keeps softplus near dt
-                _linear(a + "b_proj", H, hid),
-                _linear(a + "g_a_proj", D, hid),
-                _linear(a + "g_b_proj", H * D, D),
-                TensorSpec(a + "o_norm.weight", (D,), "norm", 0.05),
-                _linear(a + "o_proj", hid, H * D),
-            ]
-        elif i + 1 in lin["full_attn_layers"]:
-            specs += [
-                _linear(a + "q_proj", n * (nope + rope), hid),
-                _linear(a + "kv_a_proj_with_mqa", rank + rope, hid),
-                _norm(a + "kv_a_layernorm", rank),
-                _linear(a + "kv_b_proj", n * (nope + vh), rank),
-                _linear(a + "o_proj", hid, n * vh),
-            ]
-        else:
-            raise ValueError(f"layer {i} (1-based {i + 1}) is in neither kda_layers nor "
-                             "full_attn_layers")
-        specs += [_norm(p + "input_layernorm", hid), _norm(p + "post_attention_layernorm", hid)]
-        moe = i >= cfg["first_k_dense_replace"] and i % cfg["moe_layer_freq"] == 0
-        if not moe:
-            inter = cfg["intermediate_size"]
-            specs += [_linear(p + "mlp.gate_proj", inter, hid), _linear(p + "mlp.up_proj", inter, hid),
-                      _linear(p + "mlp.down_proj", hid, inter)]
-            continue
-        m = p + "block_sparse_moe."
-        # e_score_correction_bias is comparable to the spread of sigmoid scores, so selection
-        # (score + bias) differs from ranking by score alone and the bias path is exercised.
-        specs += [_linear(m + "gate", E, hid),
-                  TensorSpec(m + "gate.e_score_correction_bias", (E,), "normal", 0.05, fp32=True)]
-        for j in range(E):
-            e = m + f"experts.{j}."
-            specs += [_linear(e + "w1", mi, hid), _linear(e + "w3", mi, hid),
-                      _linear(e + "w2", hid, mi)]
-        if shared:
-            specs += [_linear(m + "shared_experts.gate_proj", shared, hid),
-                      _linear(m + "shared_experts.up_proj", shared, hid),
-                      _linear(m + "shared_experts.down_proj", hid, shared)]
-    specs += [_norm("model.norm", hid),
-              # logits with std ~4: clear argmax gaps, so greedy decoding is robust to bf16 noise
-              _linear("lm_head", cfg["vocab_size"], hid, gain=4.0)]
-    return specs
+    """Every tensor of the checkpoint: names and shapes from the config module (the ones the
+    plugin checks a checkpoint against), values drawn as `tensor_spec` says."""
+    return [tensor_spec(n, shape) for n, shape in expected_checkpoint_shapes(cfg).items()]
 
 
 def _generator(seed: int, name: str) -> torch.Generator:

@@ -8,7 +8,6 @@ over a batch of decodes followed by prefills, using our operators (vllm_kimi_lin
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vllm.compilation.breakable_cudagraph import eager_break_during_capture
