@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.attention.backends.gdn_attn import (GDNAttentionBackend, GDNAttentionMetadata,
                                                  GDNAttentionMetadataBuilder)
 
@@ -21,40 +23,50 @@ from .ops import chunk_layout_host
 
 
 @dataclass
+class PrefillLayout:
+    """The prefill part of a step as our kernels index it: device int32 tensors, token positions
+    relative to the first prefill token (views of one host-to-device copy)."""
+    chunk_starts: torch.Tensor  # first token of each chunk of 64
+    chunk_ends: torch.Tensor  # the end of each chunk's sequence
+    first_chunk: torch.Tensor  # [N + 1] each sequence's first chunk
+    cu_seqlens: torch.Tensor  # [N + 1] sequence bounds
+    seq_of_token: torch.Tensor  # [T] the sequence of each prefill token (for the conv)
+
+    @property
+    def chunk_layout(self) -> tuple[torch.Tensor, ...]:
+        """What `chunk_kda(..., chunk_layout=)` takes."""
+        return self.chunk_starts, self.chunk_ends, self.first_chunk, self.cu_seqlens
+
+    @classmethod
+    def build(cls, starts: list[int], device) -> "PrefillLayout":
+        """From the prefill sequences' cumulative starts [N + 1] (host ints, starting at 0)."""
+        lists = list(chunk_layout_host(list(zip(starts[:-1], starts[1:]))))
+        lists.append(np.repeat(np.arange(len(starts) - 1), np.diff(starts)).tolist())
+        flat = async_tensor_h2d([v for x in lists for v in x], device=device, dtype=torch.int32)
+        return cls(*flat.split([len(x) for x in lists]))
+
+
+@dataclass
 class KDAMetadata(GDNAttentionMetadata):
-    # (chunk starts, chunk ends, first chunk per sequence, prefill cu_seqlens), device int32,
-    # token positions relative to the first prefill token; None when the step has no prefill
-    prefill_chunk_layout: tuple[torch.Tensor, ...] | None = None
-
-
-def _to_device(values: list[int], device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.int32)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    prefill_layout: PrefillLayout | None = None  # None when the step has no prefill
 
 
 class KDAMetadataBuilder(GDNAttentionMetadataBuilder):
     def _build_chunk_metadata(self, *args, **kwargs):
-        return None, None  # fla's chunk indices: our kernels use prefill_chunk_layout instead
+        return None, None  # fla's chunk indices: our kernels use prefill_layout instead
 
     def build(self, common_prefix_len, common_attn_metadata, num_accepted_tokens=None,
               num_decode_draft_tokens_cpu=None, fast_build=False) -> KDAMetadata:
         m = super().build(common_prefix_len, common_attn_metadata, num_accepted_tokens,
                           num_decode_draft_tokens_cpu, fast_build)
         layout = None
-        if m.num_prefills:
-            if m.spec_sequence_masks is not None:
-                raise NotImplementedError("Kimi Linear (vllm-kimi-linear) does not support "
-                                          "speculative decoding yet: serve without --speculative-config")
-            qsl = common_attn_metadata.query_start_loc_cpu
+        if m.num_prefills:  # (no spec decodes here: the config hook refuses --speculative-config)
+            qsl = common_attn_metadata.query_start_loc_cpu  # host tensor: no sync
             nd, npf = m.num_decodes, m.num_prefills
-            starts = (qsl[nd:nd + npf + 1] - m.num_decode_tokens).tolist()  # host tensor: no sync
-            bounds = list(zip(starts[:-1], starts[1:]))
-            device = common_attn_metadata.query_start_loc.device
-            layout = tuple(_to_device(x, device) for x in chunk_layout_host(bounds))
+            layout = PrefillLayout.build((qsl[nd:nd + npf + 1] - m.num_decode_tokens).tolist(),
+                                         common_attn_metadata.query_start_loc.device)
         fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(GDNAttentionMetadata)}
-        return KDAMetadata(**fields, prefill_chunk_layout=layout)
+        return KDAMetadata(**fields, prefill_layout=layout)
 
 
 class KDAAttentionBackend(GDNAttentionBackend):

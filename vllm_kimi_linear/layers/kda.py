@@ -174,15 +174,14 @@ class KimiDeltaAttention(nn.Module, MambaBase):
             s, e = ndt, ndt + npt
             slots = idx[nd:nd + npf]
             his = m.has_initial_state[nd:nd + npf]
-            layout = getattr(m, "prefill_chunk_layout", None)
-            # the layout's bounds are the prefill part's cu_seqlens, already on the device
-            cu = layout[3] if layout is not None else (m.non_spec_query_start_loc[nd:nd + npf + 1] - ndt)
-            x = causal_conv1d(qkv[s:e], w, cu, conv_state, slots, his)
+            layout = m.prefill_layout  # built once per step for every KDA layer (kda_metadata.py)
+            cu = layout.cu_seqlens
+            x = causal_conv1d(qkv[s:e], w, cu, conv_state, slots, his, seq_of_token=layout.seq_of_token)
             q, k, v, gg, bb = qkvgb(x, g[s:e], beta[s:e], (1, npt))
             # vLLM does not clear a slot on reuse: a new request must start from zeros.
             init = torch.where(his.view(-1, 1, 1, 1), ssm_state[slots.long()].float(), 0.0)
             o, final = chunk_kda(q, k, v, gg, bb, scale=D ** -0.5, initial_state=init,
                                  output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu,
-                                 chunk_layout=layout)
+                                 chunk_layout=layout.chunk_layout)
             ssm_state[slots.long()] = final.to(ssm_state.dtype)
             out[s:e] = o.reshape(npt, H, D).float()

@@ -20,16 +20,17 @@ def resolve_conv_backend(device: torch.device, backend: str | None = None) -> st
 
 
 def causal_conv1d(x, weight, cu_seqlens=None, conv_states=None, state_indices=None,
-                  has_initial_state=None, activation="silu", backend=None):
+                  has_initial_state=None, activation="silu", backend=None, seq_of_token=None):
     """Prefill over packed sequences x [T, dim] (`cu_seqlens` [N + 1]); weight [dim, width].
     Sequence n starts from slot state_indices[n] of `conv_states` [slots, dim, width-1] where
-    has_initial_state[n] (else zeros); its slot then holds its last width-1 inputs."""
+    has_initial_state[n] (else zeros); its slot then holds its last width-1 inputs.
+    `seq_of_token` [T] (Triton backend): each token's sequence, if the caller already has it."""
     n = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
     check_conv_args(x, weight, conv_states, state_indices, n)
     if resolve_conv_backend(x.device, backend) == "triton":
         from .triton_conv import causal_conv1d_triton
         return causal_conv1d_triton(x, weight, cu_seqlens, conv_states, state_indices,
-                                    has_initial_state, activation)
+                                    has_initial_state, activation, seq_of_token)
     return causal_conv1d_torch(x, weight, cu_seqlens, conv_states, state_indices, has_initial_state,
                                activation)
 

@@ -5,7 +5,8 @@ conv-state pool [num_slots, dim, width - 1] holding each request's last width-1 
 first (any strides: a transposed view of a [num_slots, width - 1, dim] buffer works too).
 A negative slot index marks a padded entry: it is skipped and no slot is touched.
 Plain PyTorch, the CPU path: it reads sequence bounds on the host, so on a GPU use the Triton
-kernels (`triton_conv.py`), which `kimi_kda.conv` picks there.
+kernels (`triton_conv.py`), which `kimi_kda.conv` picks there. Arguments are checked there too
+(`check_conv_args`), once, before either path runs.
 """
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ def causal_conv1d_torch(x, weight, cu_seqlens=None, conv_states=None, state_indi
     T = x.shape[0]
     cu = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
     n = len(cu) - 1
-    check_conv_args(x, weight, conv_states, state_indices, n)
     W = weight.shape[1]
     slots = state_indices.tolist() if state_indices is not None else [-1] * n
     init = has_initial_state.tolist() if has_initial_state is not None else [False] * n
@@ -68,7 +68,6 @@ def causal_conv1d_torch(x, weight, cu_seqlens=None, conv_states=None, state_indi
 
 def causal_conv1d_update_torch(x, weight, conv_states, state_indices, activation="silu"):
     """Decode: one new token per sequence, x [N, dim]; slots updated in place, padded ones skipped."""
-    check_conv_args(x, weight, conv_states, state_indices, x.shape[0])
     out = torch.zeros_like(x)
     live = (state_indices >= 0).nonzero().flatten()
     if live.numel() == 0:
