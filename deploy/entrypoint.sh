@@ -39,7 +39,7 @@ build_tiny_model() {
   local dir="${KIMI_TINY_MODEL_DIR:-}"
   if [ -n "$dir" ] && [ ! -f "$dir/config.json" ]; then
     log "building the embedded tiny Kimi Linear in $dir"
-    "$python" -m vllm_kimi_linear.builder "$dir"
+    "$python" -m vllm_kimi_linear.tools.builder "$dir"
   fi
 }
 

@@ -10,7 +10,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${KIMI_VENV:-$root/.venv}"
 model="${KIMI_MODEL:-$root/.models/kimi-linear-tiny}"
 if [ -z "${KIMI_MODEL:-}" ] && [ ! -f "$model/config.json" ]; then
-  "$venv/bin/python" -m vllm_kimi_linear.builder "$model"
+  "$venv/bin/python" -m vllm_kimi_linear.tools.builder "$model"
 fi
 tp="${KIMI_TP:-1}"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"

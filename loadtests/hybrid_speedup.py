@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from .prompts import PromptBuilder, ServerTokenizer
-from .serve import cpu_server, metric_sums
+from vllm_kimi_linear.tools.harness import cpu_server, metric_sums
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("kimi-linear", "all-mla")
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = sorted({int(x) for x in a.batches.split(",")})
     if a.steps < 4 or a.rounds < 1 or min(batches) < 1 or min(contexts) < 256:
         p.error("need --steps >= 4, --rounds >= 1, batches >= 1 and contexts >= 256")
-    from vllm_kimi_linear.builder import build_tiny_checkpoint
+    from vllm_kimi_linear.tools.builder import build_tiny_checkpoint
 
     # a plain `kill` must still stop the server the run started (the `with` blocks below)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -20,7 +20,7 @@ LONG_NEW_TOKENS = 3
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The builder's tiny Kimi Linear (float32), shared by the engine test modules."""
-    from vllm_kimi_linear.builder import build_tiny_checkpoint
+    from vllm_kimi_linear.tools.builder import build_tiny_checkpoint
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "kimi-linear-tiny")
 
 
@@ -39,3 +39,16 @@ def long_prompt_expected(reference_model):
     ids = prompt(LONG_PROMPT_TOKENS, salt=99)
     return (ids, ref.greedy_generate(reference_model, ids, LONG_NEW_TOKENS),
             ref.prompt_logprobs(reference_model, ids))
+
+
+@pytest.fixture(autouse=True)
+def nothing_held_after(request):
+    """In the engine modules (their tests take the module's `llm`): once a test ends, every KDA
+    slot and MLA block is free again."""
+    if "llm" not in request.fixturenames:
+        yield
+        return
+    llm = request.getfixturevalue("llm")
+    yield
+    from tests.engine_util import assert_nothing_held
+    assert_nothing_held(llm)

@@ -67,6 +67,14 @@ def _restore(saved: dict) -> None:
             os.environ[k] = v
 
 
+def chunked_llm(model_dir, chunk: int, max_len: int, **engine_kw):
+    """`kimi_llm` with chunked prefill in chunks of `chunk` tokens and prefix caching on (what
+    the state modules serve), 4 sequences at most and vLLM's stats logged."""
+    kw = dict(max_model_len=max_len, max_num_seqs=4, enable_prefix_caching=True,
+              enable_chunked_prefill=True, max_num_batched_tokens=chunk, disable_log_stats=False)
+    return kimi_llm(model_dir, **(kw | engine_kw))
+
+
 def state(llm) -> dict:
     return llm.llm_engine.engine_core.call_utility("kimi_linear_state")
 

@@ -1,4 +1,4 @@
-"""The tiny-checkpoint builder (vllm_kimi_linear/builder.py) and the plain-PyTorch reference.
+"""The tiny-checkpoint builder (vllm_kimi_linear/tools/builder.py) and the plain-PyTorch reference.
 
 Builder: determinism, the published tensor names/shapes/dtypes, config fields and 1-based layer
 lists, the all-MLA variant, the "mla-first" layout (MLA at layer 0, several dense layers, odd
@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 
 from tests.reference import kimi_linear_ref as ref
-from vllm_kimi_linear.builder import (LAYOUTS, TinyOptions, _parse, build_tiny_checkpoint,
+from vllm_kimi_linear.tools.builder import (LAYOUTS, TinyOptions, _parse, build_tiny_checkpoint,
                                       layer_lists)
-from vllm_kimi_linear.config import expected_checkpoint_shapes, validate_config
+from vllm_kimi_linear.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -56,60 +56,13 @@ def read_tensors(d: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {k: (tuple(f.get_slice(k).get_shape()), f.get_tensor(k).dtype) for k in f.keys()}
 
 
-def expected_tensors(c: dict) -> dict[str, tuple[int, ...]]:
-    """Name -> shape, as kimi-linear.md "Checkpoint tensors" lists them."""
-    hid, lin = c["hidden_size"], c["linear_attn_config"]
-    H, D, K = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
-    HD = H * D
-    n = c["num_attention_heads"]
-    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
-    mi = c["moe_intermediate_size"]
-    ms = mi * c["num_shared_experts"]
-    out = {"model.embed_tokens.weight": (c["vocab_size"], hid), "model.norm.weight": (hid,),
-           "lm_head.weight": (c["vocab_size"], hid)}
-    for i in range(c["num_hidden_layers"]):
-        L = f"model.layers.{i}."
-        A = L + "self_attn."
-        if i + 1 in lin["kda_layers"]:
-            shapes = {"q_proj.weight": (HD, hid), "k_proj.weight": (HD, hid), "v_proj.weight": (HD, hid),
-                      "q_conv1d.weight": (HD, 1, K), "k_conv1d.weight": (HD, 1, K),
-                      "v_conv1d.weight": (HD, 1, K), "A_log": (1, 1, H, 1), "dt_bias": (HD,),
-                      "f_a_proj.weight": (D, hid), "f_b_proj.weight": (HD, D), "b_proj.weight": (H, hid),
-                      "g_a_proj.weight": (D, hid), "g_b_proj.weight": (HD, D), "o_norm.weight": (D,),
-                      "o_proj.weight": (hid, HD)}
-        else:
-            assert i + 1 in lin["full_attn_layers"]
-            shapes = {"q_proj.weight": (n * qk, hid),
-                      "kv_a_proj_with_mqa.weight": (c["kv_lora_rank"] + c["qk_rope_head_dim"], hid),
-                      "kv_a_layernorm.weight": (c["kv_lora_rank"],),
-                      "kv_b_proj.weight": (n * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]),
-                      "o_proj.weight": (hid, n * c["v_head_dim"])}
-        out |= {A + k: v for k, v in shapes.items()}
-        out |= {L + "input_layernorm.weight": (hid,), L + "post_attention_layernorm.weight": (hid,)}
-        if i < c["first_k_dense_replace"]:  # dense MLP
-            it = c["intermediate_size"]
-            out |= {L + "mlp.gate_proj.weight": (it, hid), L + "mlp.up_proj.weight": (it, hid),
-                    L + "mlp.down_proj.weight": (hid, it)}
-        else:
-            M = L + "block_sparse_moe."
-            out |= {M + "gate.weight": (c["num_experts"], hid),
-                    M + "gate.e_score_correction_bias": (c["num_experts"],),
-                    M + "shared_experts.gate_proj.weight": (ms, hid),
-                    M + "shared_experts.up_proj.weight": (ms, hid),
-                    M + "shared_experts.down_proj.weight": (hid, ms)}
-            for j in range(c["num_experts"]):
-                out |= {M + f"experts.{j}.w1.weight": (mi, hid), M + f"experts.{j}.w3.weight": (mi, hid),
-                        M + f"experts.{j}.w2.weight": (hid, mi)}
-    return out
-
-
 # ------------------------------------------------------------------------------------ builder
 
 
 def test_cli_build_is_byte_identical(tiny, tmp_path):
     # Another process (fresh Rust hash seeds for the BPE trainer), through the CLI.
     out = tmp_path / "again"
-    r = subprocess.run([sys.executable, "-m", "vllm_kimi_linear.builder", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "vllm_kimi_linear.tools.builder", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "4 layers" in r.stdout
@@ -127,7 +80,7 @@ def test_seed_changes_weights_not_layout(tiny, tmp_path):
 def test_tensor_names_shapes_dtypes(tiny):
     c = read_config(tiny)
     got = read_tensors(tiny)
-    want = expected_tensors(c)
+    want = ref.expected_shapes(c)
     assert sorted(got) == sorted(want)
     assert {k: s for k, (s, _) in got.items()} == want
     for k, (_, dt) in got.items():
@@ -217,10 +170,10 @@ def test_mla_first_config_and_tensors(mla_first):
     assert (lin["num_heads"], c["num_attention_heads"], c["num_key_value_heads"]) == (3, 5, 5)
     assert (c["num_experts"], c["num_experts_per_token"]) == (7, 3)
     assert (c["kv_lora_rank"], c["qk_rope_head_dim"]) == (512, 64)  # vLLM's CPU MLA head size
-    validate_config(c, tp_size=1, on_cpu=True)
+    dims = validate_config(c, tp_size=1, on_cpu=True)
     got = {k: s for k, (s, _) in read_tensors(mla_first).items()}
-    assert got == expected_checkpoint_shapes(c)
-    assert got == expected_tensors(c)
+    assert got == dims.checkpoint_shapes()
+    assert got == ref.expected_shapes(c)
     # MLA at layer 0 (0-based), the dense MLP in layers 0 and 1, the MoE from layer 2
     assert got["model.layers.0.self_attn.q_proj.weight"] == (5 * 128, 256)
     assert "model.layers.0.self_attn.A_log" not in got
@@ -255,7 +208,7 @@ def test_mla_first_reference_forward(mla_first):
 
 def test_cli_layout_preset(mla_first, tmp_path):
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "vllm_kimi_linear.builder", str(out), "--layout",
+    r = subprocess.run([sys.executable, "-m", "vllm_kimi_linear.tools.builder", str(out), "--layout",
                         "mla-first"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "6 layers (KDA [2, 3, 4, 6], MLA [1, 5], 1-based; 2 dense)" in r.stdout
@@ -311,7 +264,7 @@ def test_all_mla_bf16_variant(tmp_path):
     assert c["linear_attn_config"]["full_attn_layers"] == [1, 2, 3]
     assert c["torch_dtype"] == "bfloat16" and c["vocab_size"] == 600
     got = read_tensors(d)
-    assert {k: s for k, (s, _) in got.items()} == expected_tensors(c)
+    assert {k: s for k, (s, _) in got.items()} == ref.expected_shapes(c)
     assert not any("conv1d" in k or "A_log" in k for k in got)
     fp32_kept = {k for k, (_, dt) in got.items() if dt == torch.float32}
     assert all(dt in (torch.bfloat16, torch.float32) for _, dt in got.values())

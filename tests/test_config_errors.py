@@ -15,11 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loadtests.serve import server_env
-from vllm_kimi_linear.builder import build_tiny_checkpoint
-from vllm_kimi_linear.config import (KimiLinearCheckpointError, KimiLinearConfigError,
-                                     check_all_present, check_tensor, expected_checkpoint_shapes,
-                                     validate_config)
+from vllm_kimi_linear.tools.harness import server_env
+from vllm_kimi_linear.tools.builder import build_tiny_checkpoint
+from vllm_kimi_linear.checkpoint import KimiLinearCheckpointError, check_all_present, check_tensor
+from vllm_kimi_linear.config import KimiLinearConfigError, KimiLinearDims, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +67,33 @@ CASES = {
              r"num_experts_per_token=9 exceeds num_experts=8"),
     "router": (lambda c: c.__setitem__("moe_router_activation_func", "relu"),
                r"moe_router_activation_func must be"),
+    "moe_freq": (lambda c: c.__setitem__("moe_layer_freq", 0), r"moe_layer_freq must be a positive integer"),
+    "dense_count": (lambda c: c.__setitem__("first_k_dense_replace", -1),
+                    r"first_k_dense_replace must be an integer >= 0"),
+    "layer_list_type": (lambda c: c["linear_attn_config"].__setitem__("kda_layers", "1,2,3"),
+                        r"kda_layers must be a list of 1-based layer numbers"),
 }
+
+
+def test_dims_are_the_config_typed_and_frozen(cfg):
+    """One object carries every dimension the model, layers, planner and builder read."""
+    import dataclasses
+    d = validate_config(cfg, tp_size=2, on_cpu=True)
+    lin = cfg["linear_attn_config"]
+    assert (d.kda.num_heads, d.kda.head_dim, d.kda.short_conv_kernel_size) == (
+        lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"])
+    assert (d.mla.num_heads, d.mla.latent_dim) == (cfg["num_attention_heads"],
+                                                   cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"])
+    assert (d.moe.num_experts, d.moe.top_k) == (cfg["num_experts"], cfg["num_experts_per_token"])
+    assert [d.is_kda(i) for i in range(d.num_layers)] == [
+        i + 1 in lin["kda_layers"] for i in range(cfg["num_hidden_layers"])]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.hidden_size = 1
+    m = d.all_mla()
+    assert not any(m.is_kda(i) for i in range(m.num_layers)) and m.moe == d.moe
+    # invariants hold however the object is made, not only from config.json
+    with pytest.raises(KimiLinearConfigError, match=r"\[1\] \(1-based\) are in both"):
+        dataclasses.replace(d, full_attn_layers=d.full_attn_layers + (1,))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -94,11 +119,11 @@ def test_gpu_allows_other_mla_dims(cfg):
 
 def test_expected_shapes_match_the_builder(tiny, cfg):
     got = {k: tuple(v.shape) for k, v in load_file(str(tiny / "model.safetensors")).items()}
-    assert got == expected_checkpoint_shapes(cfg)
+    assert got == KimiLinearDims.from_config(cfg).checkpoint_shapes()
 
 
 def test_checkpoint_errors_name_the_tensor(cfg):
-    exp = expected_checkpoint_shapes(cfg)
+    exp = KimiLinearDims.from_config(cfg).checkpoint_shapes()
     name = "model.layers.1.self_attn.A_log"
     assert check_tensor(exp, name, (1, 1, 4, 1))
     assert not check_tensor(exp, "model.layers.3.self_attn.rotary_emb.inv_freq", (32,))
@@ -144,16 +169,16 @@ def _copy(tiny: Path, dst: Path) -> Path:
 
 
 def test_checkpoint_check_reads_headers_only(tiny, tmp_path):
-    from vllm_kimi_linear.config import check_checkpoint, safetensors_shapes
+    from vllm_kimi_linear.checkpoint import check_checkpoint, safetensors_shapes
     cfg = json.loads((tiny / "config.json").read_text())
-    assert safetensors_shapes(tiny) == expected_checkpoint_shapes(cfg)
-    check_checkpoint(cfg, tiny)  # the builder's own checkpoint passes
+    assert safetensors_shapes(tiny) == KimiLinearDims.from_config(cfg).checkpoint_shapes()
+    check_checkpoint(KimiLinearDims.from_config(cfg), tiny)  # the builder's own checkpoint passes
     d = _copy(tiny, tmp_path / "extra")
     w = load_file(str(d / "model.safetensors"))
     w["model.layers.0.mlp.up_proj.weight"] = w["model.layers.0.mlp.up_proj.weight"][:-1]
     save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(KimiLinearCheckpointError, match="tensor model.layers.0.mlp.up_proj.weight has shape"):
-        check_checkpoint(cfg, d)
+        check_checkpoint(KimiLinearDims.from_config(cfg), d)
 
 
 def test_engine_start_rejects_bad_layer_lists(tiny, tmp_path):
@@ -217,7 +242,7 @@ def test_engine_start_refuses_amx_mla_for_a_float32_model(tiny, tmp_path):
 
 
 def test_checkpoint_dtype_must_be_floating_point(tiny, tmp_path):
-    from vllm_kimi_linear.config import check_checkpoint
+    from vllm_kimi_linear.checkpoint import check_checkpoint
     cfg = json.loads((tiny / "config.json").read_text())
     for dtype, ok in ((torch.bfloat16, True), (torch.float16, True), (torch.int32, False),
                       (torch.float8_e4m3fn, False)):
@@ -226,12 +251,12 @@ def test_checkpoint_dtype_must_be_floating_point(tiny, tmp_path):
         w["model.norm.weight"] = w["model.norm.weight"].to(dtype)
         save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
         if ok:
-            check_checkpoint(cfg, d)
+            check_checkpoint(KimiLinearDims.from_config(cfg), d)
         else:
             with pytest.raises(KimiLinearCheckpointError,
                                match=r"tensor model.norm.weight has dtype (I32|F8_E4M3), but this "
                                      r"plugin loads unquantized floating-point weights"):
-                check_checkpoint(cfg, d)
+                check_checkpoint(KimiLinearDims.from_config(cfg), d)
 
 
 def test_speculative_decoding_is_refused_at_config_time():
@@ -242,9 +267,9 @@ def test_speculative_decoding_is_refused_at_config_time():
         KimiLinearConfigHook.verify_and_update_config(SimpleNamespace(speculative_config=object()))
 
 
-def _cuda_config(dtype, nope=128, rope=64, v=128):
-    hf = SimpleNamespace(qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v)
-    return SimpleNamespace(model_config=SimpleNamespace(dtype=dtype, hf_config=hf))
+def _mla(nope=128, rope=64, v=128):
+    from vllm_kimi_linear.config import MLADims
+    return MLADims(num_heads=4, kv_lora_rank=512, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v)
 
 
 def test_cuda_refuses_float32_and_mla_dims_no_prefill_kernel_takes():
@@ -261,9 +286,9 @@ def test_cuda_refuses_float32_and_mla_dims_no_prefill_kernel_takes():
                 raise ValueError(f"No valid MLA prefill backend found with {sel}")
             return object
 
-    check_cuda_mla(_cuda_config(torch.bfloat16), Hopper)
+    check_cuda_mla(torch.bfloat16, _mla(), Hopper)
     with pytest.raises(ValueError, match="no float32 MLA attention kernel; serve with --dtype bfloat16"):
-        check_cuda_mla(_cuda_config(torch.float32), Hopper)
+        check_cuda_mla(torch.float32, _mla(), Hopper)
     with pytest.raises(ValueError, match=r"takes qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64 .*"
                                          r"--qk-nope 128 --qk-rope 64 --v-head 128"):
-        check_cuda_mla(_cuda_config(torch.bfloat16, nope=64, v=64), Hopper)
+        check_cuda_mla(torch.bfloat16, _mla(nope=64, v=64), Hopper)

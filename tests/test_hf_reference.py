@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tests.engine_util import prompt
 from tests.reference import hf_ref
 from tests.reference import kimi_linear_ref as ref
-from vllm_kimi_linear.builder import LAYOUTS, build_tiny_checkpoint
+from vllm_kimi_linear.tools.builder import LAYOUTS, build_tiny_checkpoint
 
 LENGTHS = (5, 70, 200)
 TOL_FP64, TOL_REF, TOL_STOCK = 1e-10, 2e-6, 1e-4

@@ -24,7 +24,7 @@ from loadtests.metrics import SLO, RequestRecord, distribution, goodput, percent
 from loadtests.prompts import PromptBuilder, common_prefix
 from loadtests.scenarios import SCENARIOS
 from loadtests.workload import Arrival, RequestClass, Workload
-from loadtests.serve import free_port, running_process, server_env
+from vllm_kimi_linear.tools.harness import free_port, running_process, server_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVED = "kimi-linear-tiny"
@@ -167,7 +167,7 @@ def test_cli_rejects_bad_arguments(capsys):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from vllm_kimi_linear.builder import build_tiny_checkpoint
+    from vllm_kimi_linear.tools.builder import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 

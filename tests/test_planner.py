@@ -1,4 +1,4 @@
-"""The capacity planner (vllm_kimi_linear/planner.py).
+"""The capacity planner (vllm_kimi_linear/tools/planner.py).
 
 1. Against vLLM itself: for the tiny hybrid and the tiny all-MLA checkpoints (vLLM's defaults, so
    prefix caching on: the KDA state in "align" mode), vLLM's start-up line
@@ -19,8 +19,8 @@ import textwrap
 
 import pytest
 
-from vllm_kimi_linear import planner
-from vllm_kimi_linear.builder import build_tiny_checkpoint
+from vllm_kimi_linear.tools import planner
+from vllm_kimi_linear.tools.builder import build_tiny_checkpoint
 
 GiB = 1024 ** 3
 MAX_LEN = 5000  # not a multiple of the block size: covers the per-request rounding up
@@ -67,40 +67,40 @@ def vllm_logs(tmp_path_factory):
 @pytest.mark.parametrize("variant", ["hybrid", "all_mla"])
 def test_planner_equals_vllm_startup_log(vllm_logs, variant):
     model, tokens, max_len, concurrency = vllm_logs[variant]
-    cfg = planner.load_config(str(model))
-    p = planner.plan(cfg, tp=1, kv_budget_bytes=1 * GiB, max_model_len=MAX_LEN, dtype="float32")
+    dims = planner.load_dims(str(model))
+    p = planner.plan(dims, tp=1, kv_budget_bytes=1 * GiB, max_model_len=MAX_LEN, dtype="float32")
     assert max_len == MAX_LEN
     assert (p.kv_cache_tokens, f"{p.max_concurrency:.2f}") == (tokens, concurrency)
 
 
 def test_published_numbers_tp8():
-    cfg = planner.published_config()
-    h = planner.plan(cfg, tp=8, kv_budget_bytes=60 * GiB)
+    dims = planner.load_dims("published")
+    h = planner.plan(dims, tp=8, kv_budget_bytes=60 * GiB)
     assert (h.mla_layers, h.kda_layers) == (7, 20)
     assert h.mla_bytes_per_token == 576 * 2 * 7 == 8064  # replicated: not divided by TP
     # per KDA layer: conv (4-1) x 3*32*128/8 bf16 + recurrent 32/8 x 128 x 128 fp32
     assert h.kda_state_bytes_per_request == 20 * (3 * 1536 * 2 + 4 * 128 * 128 * 4) == 5_427_200
     # weights: every checkpoint tensor, sharded /8 except the replicated ones
-    shapes = planner.expected_checkpoint_shapes(cfg)
+    shapes = dims.checkpoint_shapes()
     n = sum(planner.math.prod(s) for s in shapes.values())
     assert 49e9 < n < 49.5e9  # "48B" model: 49.1 B parameters in the checkpoint
-    assert h.weights_bytes_per_gpu == planner.weight_bytes_per_gpu(cfg, 8, "bfloat16")
+    assert h.weights_bytes_per_gpu == planner.weight_bytes_per_gpu(dims, 8, "bfloat16")
     assert n * 2 / 8 < h.weights_bytes_per_gpu < n * 2 / 8 * 1.01
     # hybrid block: smallest multiple of 128 with 128*1152*k >= one KDA layer state (271,360 B)
     assert (h.block_size, h.page_bytes) == (256, 256 * 1152)
     assert (h.group_size, h.mla_groups, h.kda_groups) == (7, 1, 3)
     # prefix caching (vLLM's default) keeps 2 KDA state blocks per group per request, else 1
     assert h.blocks_per_request == 1048576 // 256 + 2 * 3
-    off = planner.plan(cfg, tp=8, kv_budget_bytes=60 * GiB, prefix_caching=False)
+    off = planner.plan(dims, tp=8, kv_budget_bytes=60 * GiB, prefix_caching=False)
     assert off.blocks_per_request == 1048576 // 256 + 3
-    m = planner.plan(planner.all_mla(cfg), tp=8, kv_budget_bytes=60 * GiB)
+    m = planner.plan(dims.all_mla(), tp=8, kv_budget_bytes=60 * GiB)
     assert m.mla_bytes_per_token == 576 * 2 * 27
     assert m.kda_state_bytes_per_request == 0
     assert 3.5 < h.max_concurrency / m.max_concurrency < 4
 
 
 def test_pipeline_parallel_uses_the_bounding_stage():
-    p = planner.plan(planner.published_config(), tp=8, pp=2, kv_budget_bytes=60 * GiB)
+    p = planner.plan(planner.load_dims("published"), tp=8, pp=2, kv_budget_bytes=60 * GiB)
     assert [len(r) for r in planner.pp_layers(27, 2)] == [14, 13]
     # stage 0 (layers 0..13) holds MLA layers 3, 7, 11; stage 1 holds 15, 19, 23, 26 and bounds
     assert p.mla_layers == 4
@@ -114,6 +114,13 @@ def test_cli_json_and_table(capsys):
     assert out["all_mla"]["mla_bytes_per_token"] == 31104
     assert planner.main(["--gpu-mem-gib", "141"]) == 0
     assert "hybrid/all-MLA" in capsys.readouterr().out
+    # --gpu: that GPU's memory, and the deploy flags the manifests use for it
+    assert planner.main(["--gpu", "h100", "--pp", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["deploy"] == planner.asdict(planner.deploy_plan("h100", 8, 2))
+    assert out["hybrid"]["full_length_requests"] == out["deploy"]["full_context_requests"] == 14
+    assert planner.main(["--deploy-table"]) == 0
+    assert capsys.readouterr().out.strip() == planner.deploy_table()
 
 
 @pytest.mark.parametrize("args, message", [

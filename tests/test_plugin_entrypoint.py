@@ -79,12 +79,31 @@ def test_every_patch_is_in_the_table_and_checks_the_vllm_release():
     import pytest
 
     from vllm_kimi_linear import patches
+    from pathlib import Path
     doc = patches.__doc__
-    for name in patches.ALL + patches.CPU_ONLY:
+    modules = {f.stem for f in Path(patches.__file__).parent.glob("*.py")} - {"__init__"}
+    assert set(patches.ALL + patches.CPU_ONLY) <= modules
+    for name in modules:
         assert f"| `{name}` |" in doc, f"patches/{name}.py is missing from the table in patches/__init__.py"
+        assert "written_for(__name__)" in (Path(patches.__file__).parent / f"{name}.py").read_text() \
+            or name == "kv_cache_manager", name  # applied by engine_core, which checks
     assert patches.written_for("probe", "0.32.0+cpu") and patches.written_for("probe", "0.32.3")
     with pytest.warns(RuntimeWarning, match=r"probe2 changes a vLLM object as vLLM 0.32 has it; this is vLLM 0.33.0"):
         assert not patches.written_for("probe2", "0.33.0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not patches.written_for("probe2", "0.33.0")  # once per module
+
+
+def test_register_changes_no_class_for_other_models_and_imports_no_tool():
+    """After register(): vLLM's KVCacheManager class is its own (the totals go on a Kimi Linear
+    engine's instance), and nothing from the offline tools is imported by the runtime."""
+    code = ("import sys, vllm_kimi_linear as p; p.register()\n"
+            "import vllm_kimi_linear.model, vllm_kimi_linear.endpoints\n"
+            "from vllm.v1.core.kv_cache_manager import KVCacheManager as K\n"
+            "print(K.make_prefix_cache_stats.__module__)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('vllm_kimi_linear.tools')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    module, tools = out.stdout.strip().splitlines()[-2:]
+    assert module == "vllm.v1.core.kv_cache_manager" and tools == "[]", out.stdout

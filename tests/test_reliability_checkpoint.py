@@ -21,12 +21,11 @@ import requests
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.reliability_util import ROOT
-from loadtests.serve import free_port, server_env
+from vllm_kimi_linear.tools.harness import ROOT, free_port, server_env
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from vllm_kimi_linear.builder import build_tiny_checkpoint
+    from vllm_kimi_linear.tools.builder import build_tiny_checkpoint
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 

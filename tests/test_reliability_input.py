@@ -17,8 +17,8 @@ from collections import Counter
 import pytest
 import requests
 
-from tests.reliability_util import (MAX_MODEL_LEN, SERVED_NAME, chat_body, error_message, serve,
-                                    wait_idle)
+from tests.reliability_util import chat_body, error_message, server_fixture
+from vllm_kimi_linear.tools.harness import MAX_MODEL_LEN, SERVED_NAME, wait_idle
 
 openai = pytest.importorskip("openai")
 
@@ -29,10 +29,7 @@ PROBE = {"model": SERVED_NAME, "temperature": 0, "max_tokens": 16,
 FUZZ_EXAMPLES = 200
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with serve(tmp_path_factory, api_key=KEY) as s:
-        yield s
+server = server_fixture(api_key=KEY)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ tiny model, with the `openai` client. One server for the module:
 * 50 clients that drop the connection mid-stream: the server stays healthy and correct, their
   requests are aborted, and once idle nothing is held (vLLM's KV-cache usage and running count,
   and the plugin's KDA-slot / MLA-block gauges when /metrics has them, all read 0);
-* a short soak (tests/soak.py): no errors, bounded RSS growth after warm-up, nothing held once idle.
+* a short soak (loadtests/soak.py): no errors, bounded RSS growth after warm-up, nothing held once idle.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import time
 import pytest
 import requests
 
-from tests.reliability_util import (MAX_MODEL_LEN, PLUGIN_IN_USE, ROOT, SERVED_NAME, in_use,
-                                    scrape, serve, wait_idle)
+from tests.reliability_util import server_fixture
+from vllm_kimi_linear.tools.harness import PLUGIN_IN_USE, ROOT, SERVED_NAME, in_use, scrape, wait_idle
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -42,10 +42,7 @@ SOAK_RSS_GROWTH_MIB = 160
 SOAK_BOOKKEEPING_GROWTH_MIB = 32
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with serve(tmp_path_factory, extra_env=FLAT_MALLOC) as s:
-        yield s
+server = server_fixture(extra_env=FLAT_MALLOC)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +192,7 @@ def test_dropped_streams_are_aborted_and_free_their_state(server, client, probe_
 
 def test_short_soak_bounded_memory_and_nothing_held(server, client, probe_text, tmp_path):
     out = tmp_path / "soak.json"
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "soak.py"), "--base-url", server.base,
+    r = subprocess.run([sys.executable, "-m", "loadtests.soak", "--base-url", server.base,
                         "--pid", str(server.pid), "--minutes", str(SOAK_SECONDS / 60),
                         "--warmup-s", "25", "--json", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=SOAK_SECONDS + 180)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from loadtests.serve import free_port, running_process, server_env
+from vllm_kimi_linear.tools.harness import free_port, running_process, server_env
 
 openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ MESSAGES = [{"role": "system", "content": "You are terse."},
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from vllm_kimi_linear.builder import build_tiny_checkpoint
+    from vllm_kimi_linear.tools.builder import build_tiny_checkpoint
     model_dir = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
     port = free_port()
     env = server_env(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine_util import assert_nothing_held, check_long_prompt, greedy, kimi_llm, prompt, state
+from tests.engine_util import check_long_prompt, chunked_llm, greedy, prompt, state
 from tests.reference import kimi_linear_ref as ref
-from vllm_kimi_linear import planner
+from vllm_kimi_linear.tools import planner
 
 CHUNK = 16
 MAX_LEN = 4096
@@ -21,16 +21,8 @@ MAX_LEN = 4096
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    with kimi_llm(tiny_model_dir, max_model_len=MAX_LEN, max_num_seqs=4, enable_prefix_caching=True,
-                  enable_chunked_prefill=True, max_num_batched_tokens=CHUNK,
-                  disable_log_stats=False) as engine:
+    with chunked_llm(tiny_model_dir, CHUNK, MAX_LEN) as engine:
         yield engine
-
-
-@pytest.fixture(autouse=True)
-def nothing_held_after(llm):
-    yield
-    assert_nothing_held(llm)
 
 
 def test_chunked_prefill_and_prefix_caching_are_on(llm):
@@ -43,7 +35,7 @@ def test_chunked_prefill_and_prefix_caching_are_on(llm):
 
 def test_layout_is_stated_and_equals_the_planner(llm, tiny_model_dir):
     layout = state(llm)["layout"]
-    p = planner.plan(planner.load_config(str(tiny_model_dir)), tp=1, kv_budget_bytes=planner.GiB,
+    p = planner.plan(planner.load_dims(str(tiny_model_dir)), tp=1, kv_budget_bytes=planner.GiB,
                      max_model_len=MAX_LEN, dtype="float32", prefix_caching=True)
     assert layout["kda_state_cache_mode"] == "align"
     assert (layout["block_size"], layout["num_blocks"], layout["blocks_per_request"]) == \

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine_util import assert_nothing_held, check_long_prompt, greedy, kimi_llm, prompt, state
+from tests.engine_util import check_long_prompt, chunked_llm, greedy, prompt, state
 
 CHUNK = 1000
 MAX_LEN = 3200
@@ -21,16 +21,8 @@ POOL_BLOCKS = 40
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    with kimi_llm(tiny_model_dir, max_model_len=MAX_LEN, max_num_seqs=4, enable_prefix_caching=True,
-                  enable_chunked_prefill=True, max_num_batched_tokens=CHUNK,
-                  num_gpu_blocks_override=POOL_BLOCKS, disable_log_stats=False) as engine:
+    with chunked_llm(tiny_model_dir, CHUNK, MAX_LEN, num_gpu_blocks_override=POOL_BLOCKS) as engine:
         yield engine
-
-
-@pytest.fixture(autouse=True)
-def nothing_held_after(llm):
-    yield
-    assert_nothing_held(llm)
 
 
 def _preemptions(llm) -> int:

@@ -15,7 +15,7 @@ import pytest
 from tests.engine_util import (assert_nothing_held, check_long_prompt, greedy, kimi_llm, prompt,
                                shard_report, state, vllm_prompt_logprobs)
 from tests.reference import kimi_linear_ref as ref
-from vllm_kimi_linear import planner
+from vllm_kimi_linear.tools import planner
 
 TP = 2
 CHUNK = 100
@@ -32,17 +32,10 @@ def llm(tiny_model_dir):
         yield engine
 
 
-@pytest.fixture(autouse=True)
-def nothing_held_after(llm):
-    yield
-    assert_nothing_held(llm)
-
-
 def test_each_rank_holds_its_shard(llm, tiny_model_dir):
-    c = planner.load_config(str(tiny_model_dir))
-    H, D = c["linear_attn_config"]["num_heads"], c["linear_attn_config"]["head_dim"]
-    n, nope, rope, v = (c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
-                        c["v_head_dim"])
+    d = planner.load_dims(str(tiny_model_dir))
+    H, D = d.kda.num_heads, d.kda.head_dim
+    n, nope, rope, v = d.mla.num_heads, d.mla.qk_nope_head_dim, d.mla.qk_rope_head_dim, d.mla.v_head_dim
     reports = sorted(llm.collective_rpc(shard_report), key=lambda r: r["rank"])
     assert [r["rank"] for r in reports] == list(range(TP))
     for r in reports:
@@ -53,21 +46,21 @@ def test_each_rank_holds_its_shard(llm, tiny_model_dir):
         # MLA by head; the latent projection replicated
         assert r["mla_q_out"] == n * (nope + rope) // TP
         assert r["mla_kv_b_out"] == n * (nope + v) // TP and r["mla_o_in"] == n * v // TP
-        assert r["mla_kv_a_out"] == c["kv_lora_rank"] + rope
+        assert r["mla_kv_a_out"] == d.mla.kv_lora_rank + rope
         # MoE: every expert on every rank, its intermediate dimension split (tensor-parallel)
-        assert r["moe_local_experts"] == c["num_experts"]
-        assert r["moe_intermediate"] == c["moe_intermediate_size"] // TP
+        assert r["moe_local_experts"] == d.moe.num_experts
+        assert r["moe_intermediate"] == d.moe.intermediate_size // TP
         # vocabulary-parallel embedding and head
-        assert r["embed_rows"] == r["lm_head_rows"] >= c["vocab_size"] // TP
-        assert r["embed_rows"] * TP < c["vocab_size"] + 64 * TP
+        assert r["embed_rows"] == r["lm_head_rows"] >= d.vocab_size // TP
+        assert r["embed_rows"] * TP < d.vocab_size + 64 * TP
 
 
 def test_layout_halves_the_kda_state_per_rank(llm, tiny_model_dir):
     layout = state(llm)["layout"]
-    cfg = planner.load_config(str(tiny_model_dir))
-    p = planner.plan(cfg, tp=TP, kv_budget_bytes=planner.GiB, max_model_len=MAX_LEN,
+    dims = planner.load_dims(str(tiny_model_dir))
+    p = planner.plan(dims, tp=TP, kv_budget_bytes=planner.GiB, max_model_len=MAX_LEN,
                      dtype="float32", prefix_caching=False)
-    p1 = planner.plan(cfg, tp=1, kv_budget_bytes=planner.GiB, max_model_len=MAX_LEN,
+    p1 = planner.plan(dims, tp=1, kv_budget_bytes=planner.GiB, max_model_len=MAX_LEN,
                       dtype="float32", prefix_caching=False)
     assert layout["kda_state_cache_mode"] == "none"
     assert layout["kda_slot_bytes"] == p.kda_state_bytes_per_request < p1.kda_state_bytes_per_request

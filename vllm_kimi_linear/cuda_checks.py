@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from .config import MLADims
 
-def check_cuda_mla(vllm_config, platform) -> None:
-    dtype = vllm_config.model_config.dtype
+
+def check_cuda_mla(dtype: torch.dtype, mla: MLADims, platform) -> None:
     if dtype == torch.float32:
         # seen on an H200 (tests/gpu/RESULTS.md): FLASH_ATTN_MLA, FLASHMLA, TRITON_MLA and the
         # FlashInfer MLA backends all refuse float32
@@ -20,9 +21,8 @@ def check_cuda_mla(vllm_config, platform) -> None:
     from vllm.v1.attention.backends.mla.prefill.base import MLADimensions
     from vllm.v1.attention.backends.mla.prefill.selector import MLAPrefillSelectorConfig
 
-    hf = vllm_config.model_config.hf_config
-    dims = MLADimensions(qk_nope_head_dim=hf.qk_nope_head_dim, qk_rope_head_dim=hf.qk_rope_head_dim,
-                         v_head_dim=hf.v_head_dim)
+    dims = MLADimensions(qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim,
+                         v_head_dim=mla.v_head_dim)
     try:
         platform.get_mla_prefill_backend_cls(MLAPrefillSelectorConfig(dtype=dtype, mla_dimensions=dims))
     except ValueError as e:

@@ -6,7 +6,8 @@ is ONE clear ValueError at start-up rather than a failure inside a worker.
 """
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from .config import check_checkpoint, raw_config, validate_config
+from .checkpoint import check_checkpoint
+from .config import raw_config, validate_config
 
 
 class KimiLinearConfigHook(VerifyAndUpdateConfig):
@@ -22,8 +23,9 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
         mc = vllm_config.model_config
         on_cpu = current_platform.is_cpu()
         cfg = raw_config(mc.hf_config, mc.model)
-        validate_config(cfg, tp_size=vllm_config.parallel_config.tensor_parallel_size, on_cpu=on_cpu)
-        check_checkpoint(cfg, mc.model)
+        dims = validate_config(cfg, tp_size=vllm_config.parallel_config.tensor_parallel_size,
+                               on_cpu=on_cpu)
+        check_checkpoint(dims, mc.model)
         if current_platform.is_cuda():
             from .cuda_checks import check_cuda_mla
-            check_cuda_mla(vllm_config, current_platform)
+            check_cuda_mla(mc.dtype, dims.mla, current_platform)

@@ -22,25 +22,24 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 
-from .config import (check_all_present, check_tensor, expected_checkpoint_shapes, is_kda, is_moe,
-                     raw_config, validate_config)
+from .checkpoint import check_all_present, check_tensor
+from .config import KimiLinearDims, model_dims
 from .layers.kda import KimiDeltaAttention, kda_state_dtype, kda_state_shape
 from .layers.mla import KimiMLAAttention
 from .layers.moe import KimiMLP, KimiMoE
 
 
 class KimiDecoderLayer(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, cfg: dict, i: int, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, i: int, prefix: str):
         super().__init__()
-        c = vllm_config.model_config.hf_config
-        attn = KimiDeltaAttention if is_kda(cfg, i) else KimiMLAAttention
-        self.self_attn = attn(vllm_config, prefix=f"{prefix}.self_attn")
-        if is_moe(cfg, i):
-            self.block_sparse_moe = KimiMoE(vllm_config, prefix=f"{prefix}.block_sparse_moe")
+        attn = KimiDeltaAttention if dims.is_kda(i) else KimiMLAAttention
+        self.self_attn = attn(vllm_config, dims, prefix=f"{prefix}.self_attn")
+        if dims.is_moe(i):
+            self.block_sparse_moe = KimiMoE(vllm_config, dims, prefix=f"{prefix}.block_sparse_moe")
         else:
-            self.mlp = KimiMLP(c.hidden_size, c.intermediate_size, prefix=f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+            self.mlp = KimiMLP(dims.hidden_size, dims.intermediate_size, prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
 
     def forward(self, positions, hidden_states, residual):
         # Pre-norm residual block; vLLM's RMSNorm(x, residual) fuses the add and returns both.
@@ -56,14 +55,13 @@ class KimiDecoderLayer(nn.Module):
 
 
 class KimiLinearModel(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, cfg: dict, prefix: str = "model"):
+    def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str = "model"):
         super().__init__()
-        c = vllm_config.model_config.hf_config
-        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size,
+        self.embed_tokens = VocabParallelEmbedding(dims.vocab_size, dims.hidden_size,
                                                    prefix=f"{prefix}.embed_tokens")
-        self.layers = nn.ModuleList(KimiDecoderLayer(vllm_config, cfg, i, f"{prefix}.layers.{i}")
-                                    for i in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.layers = nn.ModuleList(KimiDecoderLayer(vllm_config, dims, i, f"{prefix}.layers.{i}")
+                                    for i in range(dims.num_layers))
+        self.norm = RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
 
     def forward(self, input_ids, positions, inputs_embeds=None):
         h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
@@ -80,18 +78,16 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        mc = vllm_config.model_config
-        self.cfg = raw_config(mc.hf_config, mc.model)
         # Also checked by the config hook at start-up; repeated here for direct constructions.
         from vllm.platforms import current_platform
-        validate_config(self.cfg, vllm_config.parallel_config.tensor_parallel_size,
-                        on_cpu=current_platform.is_cpu())
-        c = self.config = mc.hf_config
-        self.model = KimiLinearModel(vllm_config, self.cfg, prefix="model")
-        self.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size, prefix="lm_head")
-        if getattr(c, "tie_word_embeddings", False):
+        self.config = vllm_config.model_config.hf_config
+        d = self.dims = model_dims(vllm_config).check_servable(
+            vllm_config.parallel_config.tensor_parallel_size, on_cpu=current_platform.is_cpu())
+        self.model = KimiLinearModel(vllm_config, d, prefix="model")
+        self.lm_head = ParallelLMHead(d.vocab_size, d.hidden_size, prefix="lm_head")
+        if d.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(c.vocab_size)
+        self.logits_processor = LogitsProcessor(d.vocab_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -117,12 +113,12 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     # ---- weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        expected = expected_checkpoint_shapes(self.cfg)
+        expected = self.dims.checkpoint_shapes()
         params = dict(self.named_parameters())
         experts = fused_moe_make_expert_params_mapping(self, ckpt_gate_proj_name="w1",
                                                        ckpt_down_proj_name="w2",
                                                        ckpt_up_proj_name="w3",
-                                                       num_experts=self.cfg["num_experts"])
+                                                       num_experts=self.dims.moe.num_experts)
         seen: set[str] = set()
         loaded: set[str] = set()
         for name, w in weights:

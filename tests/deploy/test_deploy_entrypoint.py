@@ -1,6 +1,6 @@
 """The images' entrypoint (deploy/entrypoint.sh), run directly on this CPU machine with the CPU
 image's own command line (Dockerfile.cpu CMD): it builds the embedded tiny Kimi Linear
-(KIMI_TINY_MODEL_DIR -> python -m vllm_kimi_linear.builder), starts `vllm serve`, its `ready` role
+(KIMI_TINY_MODEL_DIR -> python -m vllm_kimi_linear.tools.builder), starts `vllm serve`, its `ready` role
 (the Kubernetes readiness probe) passes only with the API key, and a chat completion comes back
 through the `openai` package. One server for the module; start-up takes a minute or two."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from deploy_helpers import DEPLOY, all_serve_arg_lists
-from loadtests.serve import free_port, running_process, server_env
+from vllm_kimi_linear.tools.harness import free_port, running_process, server_env
 
 openai = pytest.importorskip("openai")
 ENTRYPOINT = DEPLOY / "entrypoint.sh"

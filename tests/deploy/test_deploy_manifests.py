@@ -2,27 +2,24 @@
 (kubernetes-validate, strict: unknown fields rejected), the LeaderWorkerSet against the vendored
 LWS v1 schema (deploy/schemas/) with its pod templates against core/v1 PodTemplate; plus the
 conventions an operator expects (pinned images, non-root, GPU requests == limits, probes, secrets,
-group restart) and the consistency of TP/PP/GPU counts and memory settings with deploy/capacity.py."""
+group restart) and the consistency of TP/PP/GPU counts and memory settings with the capacity planner."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
+from vllm_kimi_linear.tools import planner
+
 from deploy_helpers import (DEPLOY, ENTRYPOINT, KUSTOMIZATIONS, containers, option, pod_templates,
                             render, serve_args_of_container)
 
 K8S_VERSION = "1.30.0"  # oldest Kubernetes the manifests target (LWS needs >= 1.26)
 LWS_SCHEMA = json.loads((DEPLOY / "schemas" / "leaderworkerset.x-k8s.io_v1.json").read_text())
-spec = importlib.util.spec_from_file_location("kimi_deploy_capacity", DEPLOY / "capacity.py")
-capacity = sys.modules.setdefault("kimi_deploy_capacity", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(capacity)
 
 
 def all_docs():
@@ -165,7 +162,7 @@ def test_parallelism_matches_gpus_and_capacity_plan(kd):
     if nodes > 1:
         assert option(args, "--distributed-executor-backend") == "ray"
         assert args[0:0] == [] and leader["args"][0] == "leader"
-    plan = capacity.plan("h100", tp=tp, pp=pp, max_model_len=int(option(args, "--max-model-len")))
+    plan = planner.deploy_plan("h100", tp=tp, pp=pp, max_model_len=int(option(args, "--max-model-len")))
     assert float(option(args, "--gpu-memory-utilization")) == plan.gpu_memory_utilization
     assert int(option(args, "--max-num-seqs")) == plan.max_num_seqs, k
     assert int(option(args, "--max-num-batched-tokens")) == plan.max_num_batched_tokens
@@ -250,7 +247,8 @@ def test_images_pinned_in_dockerfiles_and_compose():
 
 def test_readme_memory_table_is_what_capacity_computes():
     readme = (DEPLOY / "README.md").read_text()
-    assert capacity.table() in readme, "deploy/README.md table is stale: paste `python deploy/capacity.py`"
+    assert planner.deploy_table() in readme, ("deploy/README.md table is stale: paste "
+                                              "`python -m vllm_kimi_linear.tools.planner --deploy-table`")
 
 
 # Fields that both Debian's kubectl 1.20 (kustomize v2.0.3) and current kubectl understand.

@@ -20,7 +20,7 @@ import pytest
 import requests
 import torch
 
-from loadtests.serve import free_port, running_process
+from vllm_kimi_linear.tools.harness import free_port, running_process
 
 IMPL = os.environ.get("KIMI_GPU_IMPL", "plugin")
 SERVED = "kimi-linear"
@@ -38,7 +38,7 @@ requires_cuda = pytest.mark.skipif(
 class ServerConfig:
     """One `vllm serve` of one checkpoint. `args` are the flags beyond vLLM's defaults."""
     name: str
-    layout: str  # a vllm_kimi_linear.builder.LAYOUTS key
+    layout: str  # a vllm_kimi_linear.tools.builder.LAYOUTS key
     dtype: str  # the checkpoint's dtype; the server runs in it
     args: tuple[str, ...] = ()
     features: frozenset = field(default_factory=frozenset)  # which checks apply
@@ -126,7 +126,7 @@ def impl_env() -> dict:
 
 @contextmanager
 def serve(config: ServerConfig, workdir: Path, timeout: float = 600):
-    from vllm_kimi_linear.builder import LAYOUTS, build_tiny_checkpoint
+    from vllm_kimi_linear.tools.builder import LAYOUTS, build_tiny_checkpoint
     model_dir = build_tiny_checkpoint(workdir / f"{config.layout}-{config.dtype}", dtype=config.dtype,
                                       **{**LAYOUTS[config.layout], **GPU_MLA_DIMS})
     port = free_port()

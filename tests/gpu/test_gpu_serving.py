@@ -35,7 +35,7 @@ from tests.engine_util import prompt
 from tests.gpu.gpu_util import (CONFIGS, DRY_RUN_ON_CPU, IMPL, SERVED, References, ServerConfig,
                                 diff_stats, generate, prompt_logprobs, record,
                                 requires_cuda, selected_configs, serve)
-from loadtests.serve import metric_sums
+from vllm_kimi_linear.tools.harness import metric_sums
 
 pytestmark = requires_cuda
 BF16_FACTOR = 3  # a bf16 server rounds in more places than the floor's emulation does
@@ -318,7 +318,7 @@ def test_float32_is_refused_at_start_with_what_to_do(tmp_path_factory):
     an H200): `--dtype float32` must stop at the config with one clear error, not in a worker."""
     if DRY_RUN_ON_CPU or IMPL != "plugin":
         pytest.skip("the plugin's CUDA start-up check")
-    from loadtests.serve import ServerStartError
+    from vllm_kimi_linear.tools.harness import ServerStartError
     config = ServerConfig("fp32", "tiny", "float32", ("--dtype", "float32"))
     with pytest.raises(ServerStartError) as e:
         with serve(config, tmp_path_factory.mktemp("ckpt"), timeout=300):

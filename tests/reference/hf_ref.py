@@ -3,7 +3,7 @@
 This module owns running transformers' `models/kimi_linear` implementation (its modeling code,
 its config parsing of the published config.json, and its checkpoint conversion: q/k/v conv
 concatenation, w1/w3 expert merging, block_sparse_moe -> mlp renames) in plain PyTorch on a
-local checkpoint written by `vllm_kimi_linear.builder`. It shares no code with the plugin or with
+local checkpoint written by `vllm_kimi_linear.tools.builder`. It shares no code with the plugin or with
 tests/reference/kimi_linear_ref.py.
 
     model = load(model_dir)                    # float64, CPU, eval mode; no network

@@ -50,50 +50,53 @@ class RefModel:
 # --------------------------------------------------------------------------------------------
 
 
-def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name -> shape, from the config alone (kimi-linear.md, "Checkpoint tensors")."""
-    hid, lin = cfg["hidden_size"], cfg["linear_attn_config"]
+def expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, from the config alone, as kimi-linear.md "Checkpoint
+    tensors" lists them (written apart from the plugin's config module, to check it)."""
+    hid, lin = c["hidden_size"], c["linear_attn_config"]
     H, D, K = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
-    n, nope, rope = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"]
-    vh, r = cfg["v_head_dim"], cfg["kv_lora_rank"]
-    mi, E = cfg["moe_intermediate_size"], cfg["num_experts"]
-    ms = mi * cfg["num_shared_experts"]
-    s = {"model.embed_tokens.weight": (cfg["vocab_size"], hid), "model.norm.weight": (hid,),
-         "lm_head.weight": (cfg["vocab_size"], hid)}
-    for i in range(cfg["num_hidden_layers"]):
-        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+    HD = H * D
+    n = c["num_attention_heads"]
+    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    mi = c["moe_intermediate_size"]
+    ms = mi * c.get("num_shared_experts", 0)
+    out = {"model.embed_tokens.weight": (c["vocab_size"], hid), "model.norm.weight": (hid,),
+           "lm_head.weight": (c["vocab_size"], hid)}
+    for i in range(c["num_hidden_layers"]):
+        L = f"model.layers.{i}."
+        A = L + "self_attn."
         if i + 1 in lin["kda_layers"]:
-            for x in "qkv":
-                s[a + f"{x}_proj.weight"] = (H * D, hid)
-                s[a + f"{x}_conv1d.weight"] = (H * D, 1, K)
-            s |= {a + "A_log": (1, 1, H, 1), a + "dt_bias": (H * D,),
-                  a + "f_a_proj.weight": (D, hid), a + "f_b_proj.weight": (H * D, D),
-                  a + "b_proj.weight": (H, hid), a + "g_a_proj.weight": (D, hid),
-                  a + "g_b_proj.weight": (H * D, D), a + "o_norm.weight": (D,),
-                  a + "o_proj.weight": (hid, H * D)}
+            shapes = {"q_proj.weight": (HD, hid), "k_proj.weight": (HD, hid), "v_proj.weight": (HD, hid),
+                      "q_conv1d.weight": (HD, 1, K), "k_conv1d.weight": (HD, 1, K),
+                      "v_conv1d.weight": (HD, 1, K), "A_log": (1, 1, H, 1), "dt_bias": (HD,),
+                      "f_a_proj.weight": (D, hid), "f_b_proj.weight": (HD, D), "b_proj.weight": (H, hid),
+                      "g_a_proj.weight": (D, hid), "g_b_proj.weight": (HD, D), "o_norm.weight": (D,),
+                      "o_proj.weight": (hid, HD)}
         else:
-            s |= {a + "q_proj.weight": (n * (nope + rope), hid),
-                  a + "kv_a_proj_with_mqa.weight": (r + rope, hid),
-                  a + "kv_a_layernorm.weight": (r,),
-                  a + "kv_b_proj.weight": (n * (nope + vh), r),
-                  a + "o_proj.weight": (hid, n * vh)}
-        s[p + "input_layernorm.weight"] = (hid,)
-        s[p + "post_attention_layernorm.weight"] = (hid,)
-        if i >= cfg["first_k_dense_replace"] and i % cfg["moe_layer_freq"] == 0:
-            m = p + "block_sparse_moe."
-            s |= {m + "gate.weight": (E, hid), m + "gate.e_score_correction_bias": (E,)}
-            for j in range(E):
-                s |= {m + f"experts.{j}.w1.weight": (mi, hid), m + f"experts.{j}.w3.weight": (mi, hid),
-                      m + f"experts.{j}.w2.weight": (hid, mi)}
+            assert i + 1 in lin["full_attn_layers"]
+            shapes = {"q_proj.weight": (n * qk, hid),
+                      "kv_a_proj_with_mqa.weight": (c["kv_lora_rank"] + c["qk_rope_head_dim"], hid),
+                      "kv_a_layernorm.weight": (c["kv_lora_rank"],),
+                      "kv_b_proj.weight": (n * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]),
+                      "o_proj.weight": (hid, n * c["v_head_dim"])}
+        out |= {A + k: v for k, v in shapes.items()}
+        out |= {L + "input_layernorm.weight": (hid,), L + "post_attention_layernorm.weight": (hid,)}
+        if i < c["first_k_dense_replace"] or i % c["moe_layer_freq"]:  # dense MLP
+            it = c["intermediate_size"]
+            out |= {L + "mlp.gate_proj.weight": (it, hid), L + "mlp.up_proj.weight": (it, hid),
+                    L + "mlp.down_proj.weight": (hid, it)}
+        else:
+            M = L + "block_sparse_moe."
+            out |= {M + "gate.weight": (c["num_experts"], hid),
+                    M + "gate.e_score_correction_bias": (c["num_experts"],)}
             if ms:
-                s |= {m + "shared_experts.gate_proj.weight": (ms, hid),
-                      m + "shared_experts.up_proj.weight": (ms, hid),
-                      m + "shared_experts.down_proj.weight": (hid, ms)}
-        else:
-            it = cfg["intermediate_size"]
-            s |= {p + "mlp.gate_proj.weight": (it, hid), p + "mlp.up_proj.weight": (it, hid),
-                  p + "mlp.down_proj.weight": (hid, it)}
-    return s
+                out |= {M + "shared_experts.gate_proj.weight": (ms, hid),
+                        M + "shared_experts.up_proj.weight": (ms, hid),
+                        M + "shared_experts.down_proj.weight": (hid, ms)}
+            for j in range(c["num_experts"]):
+                out |= {M + f"experts.{j}.w1.weight": (mi, hid), M + f"experts.{j}.w3.weight": (mi, hid),
+                        M + f"experts.{j}.w2.weight": (hid, mi)}
+    return out
 
 
 def load(model_dir, dtype: torch.dtype = torch.float32) -> RefModel:

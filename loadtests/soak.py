@@ -1,9 +1,9 @@
 """Soak: a bounded, mixed load against a Kimi Linear server while sampling the resident memory of
 the server's processes (API server + engine core + worker) and the in-use gauges of /metrics.
 
-    python tests/soak.py                      # starts deploy/serve-cpu.sh on the tiny model
-    python tests/soak.py --minutes 5 --json soak.json
-    python tests/soak.py --base-url http://127.0.0.1:8000 --pid <API server pid> --minutes 2
+    python -m loadtests.soak                      # starts deploy/serve-cpu.sh on the tiny model
+    python -m loadtests.soak --minutes 5 --json soak.json
+    python -m loadtests.soak --base-url http://127.0.0.1:8000 --pid <API server pid> --minutes 2
 
 The mix (seeded, so runs are comparable): streamed and whole chat completions of varied prompt
 and output lengths (greedy), clients that drop the connection after a few chunks, and bad
@@ -23,12 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.reliability_util import (MAX_MODEL_LEN, SERVED_NAME, in_use, rss_bytes,  # noqa: E402
-                                    scrape, wait_idle)
+from vllm_kimi_linear.tools.harness import (MAX_MODEL_LEN, SERVED_NAME, in_use, rss_bytes, scrape,
+                                            serve_tiny, wait_idle)
 
 WORDS = ("sea dawn light river stone cloud wind green blue amber quiet north harbour tide salt "
          "gull reef foam glass ember").split()
@@ -204,30 +200,6 @@ def role(pid: int) -> str:
     return _roles[pid]
 
 
-@contextlib.contextmanager
-def _started_server(args):
-    """The README's serve command on the tiny model, in its own process group; yields
-    (process, base URL, log path) and stops the group afterwards."""
-    import requests
-
-    from loadtests.serve import free_port, running_process, server_env
-    from vllm_kimi_linear.builder import build_tiny_checkpoint
-    work = Path(tempfile.mkdtemp(prefix="kimi-soak-"))
-    model = build_tiny_checkpoint(work / "tiny")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED_NAME,
-           "--max-model-len", str(MAX_MODEL_LEN)]
-    if args.api_key:
-        cmd += ["--api-key", args.api_key]
-    log_path = work / "server.log"
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    env = server_env(KIMI_MODEL=str(model), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1")
-    with running_process(cmd, env, log_path, timeout=600, ready=lambda: requests.get(
-            base + "/v1/models", headers=headers, timeout=2).status_code == 200) as proc:
-        yield proc, base, log_path
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base-url", help="a running server (default: start deploy/serve-cpu.sh on the tiny model)")
@@ -246,9 +218,10 @@ def main(argv=None) -> int:
     base, pid = args.base_url, args.pid
     with contextlib.ExitStack() as stack:
         if base is None:
-            proc, base, log_path = stack.enter_context(_started_server(args))
-            pid = proc.pid
-            print(f"server {base} (pid {pid}), log {log_path}")
+            server = stack.enter_context(serve_tiny(Path(tempfile.mkdtemp(prefix="kimi-soak-")),
+                                                    api_key=args.api_key, timeout=600))
+            base, pid = server.base, server.pid
+            print(f"server {base} (pid {pid}), log {server.log_path}")
         s = asyncio.run(soak(base.rstrip("/"), pid, args.minutes, args.concurrency, warmup,
                              args.sample_s, args.api_key, args.seed))
     print(json.dumps({k: v for k, v in s.items() if k != "samples"}, indent=1))

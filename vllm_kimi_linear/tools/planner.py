@@ -1,11 +1,13 @@
 """Capacity planner: how many long requests a Kimi Linear deployment holds, and what an all-MLA
 model of the same dimensions would hold.
 
-    python -m vllm_kimi_linear.planner                       # published config, TP=8, 80 GiB, 1M
-    python -m vllm_kimi_linear.planner --config DIR/config.json --tp 1 --kv-budget-gib 1 --json
+    python -m vllm_kimi_linear.tools.planner                       # published config, TP=8, 80 GiB, 1M
+    python -m vllm_kimi_linear.tools.planner --config DIR/config.json --tp 1 --kv-budget-gib 1 --json
+    python -m vllm_kimi_linear.tools.planner --gpu h100 --tp 8 --pp 2  # + the deploy flags for it
+    python -m vllm_kimi_linear.tools.planner --deploy-table            # deploy/README.md's table
 
 This module owns the arithmetic from a config dict to (a) weight bytes per GPU, counted tensor by
-tensor from `expected_checkpoint_shapes` and sharded the way our layers shard them, and (b) the
+tensor from `KimiLinearDims.checkpoint_shapes()` and sharded the way our layers shard them, and (b) the
 KV cache pool exactly as vLLM 0.32 lays it out for a hybrid model, so that its token and
 concurrency figures equal vLLM's start-up line "KV cache size: N tokens, Maximum concurrency for
 L tokens per request: X" for the same budget (tests/test_planner.py starts vLLM to check):
@@ -22,20 +24,24 @@ L tokens per request: X" for the same budget (tests/test_planner.py starts vLLM 
     the one carried over a block boundary) or 1 without (mode "none");
     concurrency = num_blocks / blocks per request, tokens = int(concurrency x max_model_len).
 The MLA latent (kv_lora_rank + qk_rope) is one shared head, replicated on every TP rank; the KDA
-state is split by heads. No vLLM import: pure arithmetic on plain dicts.
+state is split by heads. (c) The deploy manifests' memory flags for a GPU (`deploy_plan`):
+--max-num-seqs for requests of a typical length, from the same arithmetic.
+No vLLM import: pure arithmetic on the config's dimensions.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import expected_checkpoint_shapes, is_kda, validate_config
+from ..config import KimiLinearDims, validate_config
 
 GiB = 1024 ** 3
+MiB = 1024 ** 2
+# Memory the driver reports for the whole device (nvidia-smi "Total", MiB).
+GPUS = {"h100": 81559 * MiB, "h200": 143771 * MiB}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 HYBRID_ALIGN = 128  # vLLM rounds a hybrid MLA model's block to a multiple of 128 tokens
 MLA_KERNEL_BLOCK = 16  # smallest MLA kernel block (CPU MLA; FlashMLA's 64 also divides 128)
@@ -66,14 +72,6 @@ def published_config() -> dict:
                 "kda_layers": kda, "full_attn_layers": [4, 8, 12, 16, 20, 24, 27]}}
 
 
-def all_mla(cfg: dict) -> dict:
-    """The same model with every layer MLA (the baseline the KV reduction is measured against)."""
-    c = copy.deepcopy(cfg)
-    c["linear_attn_config"]["kda_layers"] = []
-    c["linear_attn_config"]["full_attn_layers"] = list(range(1, cfg["num_hidden_layers"] + 1))
-    return c
-
-
 def pp_layers(num_layers: int, pp: int) -> list[range]:
     """vLLM's default split (distributed/utils.get_pp_indices): the remainder goes to the stages
     before the last one."""
@@ -84,12 +82,12 @@ def pp_layers(num_layers: int, pp: int) -> list[range]:
     return [range(s, s + n) for s, n in zip(starts, parts)]
 
 
-def weight_bytes_per_gpu(cfg: dict, tp: int, dtype: str, layers: range | None = None,
+def weight_bytes_per_gpu(dims: KimiLinearDims, tp: int, dtype: str, layers: range | None = None,
                          first: bool = True, last: bool = True) -> int:
     """Bytes of the parameters one GPU holds: the layers of its stage, the embedding on the first
     stage, the final norm and lm_head on the last; each tensor /tp unless in REPLICATED."""
     total = 0
-    for name, shape in expected_checkpoint_shapes(cfg).items():
+    for name, shape in dims.checkpoint_shapes().items():
         if name.startswith("model.layers."):
             if layers is not None and int(name.split(".")[2]) not in layers:
                 continue
@@ -104,15 +102,14 @@ def weight_bytes_per_gpu(cfg: dict, tp: int, dtype: str, layers: range | None = 
     return total
 
 
-def mla_bytes_per_token_layer(cfg: dict, dtype: str) -> int:
-    return (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * DTYPE_BYTES[dtype]
+def mla_bytes_per_token_layer(dims: KimiLinearDims, dtype: str) -> int:
+    return dims.mla.latent_dim * DTYPE_BYTES[dtype]
 
 
-def kda_state_bytes_layer(cfg: dict, tp: int, dtype: str) -> int:
+def kda_state_bytes_layer(dims: KimiLinearDims, tp: int, dtype: str) -> int:
     """One KDA layer's state per request on one GPU: conv (K-1, 3*H*D/tp) in the model dtype plus
     recurrent (H/tp, D, D) fp32 (vLLM MambaStateShapeCalculator.kda_state_shape)."""
-    lin = cfg["linear_attn_config"]
-    H, D, K = lin["num_heads"], lin["head_dim"], lin["short_conv_kernel_size"]
+    H, D, K = dims.kda.num_heads, dims.kda.head_dim, dims.kda.short_conv_kernel_size
     return (K - 1) * (3 * H * D // tp) * DTYPE_BYTES[dtype] + (H // tp) * D * D * 4
 
 
@@ -142,11 +139,11 @@ class Plan:
     full_length_requests: int  # whole requests of max_model_len that fit at once
 
 
-def _stage_plan(cfg, tp, layers, budget, max_model_len, dtype, prefix_caching):
-    n_mla = sum(not is_kda(cfg, i) for i in layers)
+def _stage_plan(dims, tp, layers, budget, max_model_len, dtype, prefix_caching):
+    n_mla = sum(not dims.is_kda(i) for i in layers)
     n_kda = len(layers) - n_mla
-    tok = mla_bytes_per_token_layer(cfg, dtype)
-    state = kda_state_bytes_layer(cfg, tp, dtype)
+    tok = mla_bytes_per_token_layer(dims, dtype)
+    state = kda_state_bytes_layer(dims, tp, dtype)
     block = MLA_KERNEL_BLOCK
     if n_mla:  # _align_hybrid_block_size: our model class is hybrid even with no KDA layer
         block = max(block, HYBRID_ALIGN)
@@ -166,21 +163,21 @@ def _stage_plan(cfg, tp, layers, budget, max_model_len, dtype, prefix_caching):
                 num_blocks=num_blocks, blocks_per_request=per_req)
 
 
-def plan(cfg: dict, tp: int = 8, pp: int = 1, kv_budget_bytes: int | None = None,
+def plan(dims: KimiLinearDims, tp: int = 8, pp: int = 1, kv_budget_bytes: int | None = None,
          max_model_len: int = 1048576, dtype: str = "bfloat16", gpu_mem_bytes: int = 80 * GiB,
          gpu_memory_utilization: float = 0.92, overhead_bytes: int = 4 * GiB,
          model: str = "hybrid", prefix_caching: bool = True) -> Plan:
     """Capacity of one replica. kv_budget_bytes is the KV pool per GPU (vLLM's "Available KV cache
     memory", or VLLM_CPU_KVCACHE_SPACE on CPU); when None it is estimated as
     utilization x GPU memory - weights - overhead_bytes (activations of one step, CUDA graphs,
-    NCCL buffers: an assumption, 4 GiB as in deploy/capacity.py; read the real figure from
+    NCCL buffers: an assumption, 4 GiB by default; read the real figure from
     vLLM's "Available KV cache memory" line and pass it as kv_budget_bytes)."""
-    _check_args(cfg, tp, pp, kv_budget_bytes, max_model_len, dtype, gpu_mem_bytes,
+    _check_args(dims, tp, pp, kv_budget_bytes, max_model_len, dtype, gpu_mem_bytes,
                 gpu_memory_utilization)
     if overhead_bytes < 0:
         raise PlannerError(f"--overhead-gib must be >= 0, got {overhead_bytes / GiB:g}")
-    stages = pp_layers(cfg["num_hidden_layers"], pp)
-    weights = [weight_bytes_per_gpu(cfg, tp, dtype, r, i == 0, i == pp - 1)
+    stages = pp_layers(dims.num_layers, pp)
+    weights = [weight_bytes_per_gpu(dims, tp, dtype, r, i == 0, i == pp - 1)
                for i, r in enumerate(stages)]
     best = None
     for r, w in zip(stages, weights):
@@ -189,7 +186,7 @@ def plan(cfg: dict, tp: int = 8, pp: int = 1, kv_budget_bytes: int | None = None
         if budget <= 0:
             raise PlannerError(f"weights need {w / GiB:.1f} GiB per GPU: no memory is left for the "
                                "KV cache; raise --tp/--pp or --gpu-mem-gib")
-        s = _stage_plan(cfg, tp, r, budget, max_model_len, dtype, prefix_caching)
+        s = _stage_plan(dims, tp, r, budget, max_model_len, dtype, prefix_caching)
         s["kv_budget_bytes"] = budget
         conc = s["num_blocks"] / s["blocks_per_request"]
         if best is None or conc < best[0]:
@@ -200,7 +197,7 @@ def plan(cfg: dict, tp: int = 8, pp: int = 1, kv_budget_bytes: int | None = None
                 kv_cache_tokens=int(conc * max_model_len), full_length_requests=int(conc), **s)
 
 
-def _check_args(cfg, tp, pp, budget, max_model_len, dtype, gpu_mem, util):
+def _check_args(dims, tp, pp, budget, max_model_len, dtype, gpu_mem, util):
     if dtype not in DTYPE_BYTES:
         raise PlannerError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     for name, v in (("--tp", tp), ("--pp", pp), ("--max-model-len", max_model_len)):
@@ -212,20 +209,80 @@ def _check_args(cfg, tp, pp, budget, max_model_len, dtype, gpu_mem, util):
         raise PlannerError(f"--kv-budget-gib must be positive, got {budget / GiB:g}")
     if budget is None and gpu_mem <= 0:
         raise PlannerError(f"--gpu-mem-gib must be positive, got {gpu_mem / GiB:g}")
-    if pp > cfg["num_hidden_layers"]:
-        raise PlannerError(f"--pp {pp} exceeds num_hidden_layers={cfg['num_hidden_layers']}")
-    validate_config(cfg, tp_size=tp)  # TP must divide heads and intermediate sizes
+    if pp > dims.num_layers:
+        raise PlannerError(f"--pp {pp} exceeds num_hidden_layers={dims.num_layers}")
+    dims.check_servable(tp_size=tp)  # TP must divide heads and intermediate sizes
 
 
-def load_config(path: str) -> dict:
+def load_dims(path: str) -> KimiLinearDims:
+    """The dimensions of a config.json, a model directory, or 'published'."""
     if path == "published":
-        return published_config()
+        return validate_config(published_config())
     p = Path(path)
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
         raise PlannerError(f"--config {path}: no such file (give a config.json, a model "
                            "directory, or 'published')")
-    return json.loads(p.read_text())
+    return validate_config(json.loads(p.read_text()))
+
+
+@dataclass
+class DeployPlan:
+    """What the deploy manifests set for one GPU of a TP x PP replica of the published model."""
+    gpu: str
+    tp: int
+    pp: int
+    max_model_len: int
+    gpu_memory_utilization: float
+    overhead_gib: float
+    weights_gib: float
+    mla_bytes_per_token: int
+    mla_gib_per_request: float
+    kda_mib_per_request: float
+    kv_budget_gib: float
+    full_context_requests: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+def deploy_plan(gpu: str = "h100", tp: int = 8, pp: int = 1, max_model_len: int = 1048576,
+                gpu_memory_utilization: float = 0.92, overhead_gib: float = 4.0,
+                typical_len: int = 32768, max_num_batched_tokens: int = 8192,
+                dims: KimiLinearDims | None = None) -> DeployPlan:
+    """The stage that bounds capacity, on one GPU of a TP x PP replica.
+
+    overhead_gib: activations of one max_num_batched_tokens step, CUDA graphs, NCCL buffers; an
+    assumption to check against vLLM's "Available KV cache memory" log line.
+    max_num_seqs: how many requests of `typical_len` tokens fit (rounded down to a multiple of 8,
+    between 8 and 256); full-length requests are limited by the KV blocks, not by this flag.
+    """
+    if gpu not in GPUS:
+        raise PlannerError(f"--gpu must be one of {sorted(GPUS)}, got {gpu!r}")
+    kw = dict(tp=tp, pp=pp, gpu_mem_bytes=GPUS[gpu], gpu_memory_utilization=gpu_memory_utilization,
+              overhead_bytes=int(overhead_gib * GiB))
+    dims = dims or validate_config(published_config())
+    full = plan(dims, max_model_len=max_model_len, **kw)
+    typical = plan(dims, max_model_len=typical_len, **kw)
+    seqs = max(8, min(256, typical.full_length_requests // 8 * 8))
+    return DeployPlan(gpu, tp, pp, max_model_len, gpu_memory_utilization, overhead_gib,
+                      full.weights_bytes_per_gpu / GiB, full.mla_bytes_per_token,
+                      full.mla_bytes_per_token * max_model_len / GiB,
+                      full.kda_state_bytes_per_request / MiB, full.kv_budget_bytes / GiB,
+                      full.full_length_requests, seqs, max_num_batched_tokens)
+
+
+def deploy_table() -> str:
+    """deploy/README.md's memory table: the published model at TP=8, PP 1 and 2, H100 and H200."""
+    rows = ["| GPU | TP x PP | weights/GPU | MLA bytes/token/GPU | MLA per 1M request | KDA state/request "
+            "| KV budget/GPU | 1M-token requests | --max-num-seqs |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for pp in (1, 2):
+        for gpu in ("h100", "h200"):
+            q = deploy_plan(gpu, 8, pp)
+            rows.append(f"| {gpu.upper()} | 8 x {pp} | {q.weights_gib:.1f} GiB | {q.mla_bytes_per_token} B "
+                        f"| {q.mla_gib_per_request:.2f} GiB | {q.kda_mib_per_request:.2f} MiB "
+                        f"| {q.kv_budget_gib:.1f} GiB | {q.full_context_requests} | {q.max_num_seqs} |")
+    return "\n".join(rows)
 
 
 def report(h: Plan, m: Plan) -> str:
@@ -258,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="published", help="config.json, model dir, or 'published'")
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--gpu", choices=sorted(GPUS), default=None,
+                    help="the GPU's memory (instead of --gpu-mem-gib), and print the deploy flags for it")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     ap.add_argument("--overhead-gib", type=float, default=4.0,
@@ -267,20 +326,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     ap.add_argument("--no-prefix-caching", action="store_true",
                     help="plan for `vllm serve --no-enable-prefix-caching` (1 KDA block per group)")
+    ap.add_argument("--deploy-table", action="store_true",
+                    help="print deploy/README.md's table (published model, TP=8, H100/H200, PP 1/2)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.deploy_table:
+        print(deploy_table())
+        return 0
     try:
-        cfg = load_config(a.config)
+        dims = load_dims(a.config)
         budget = None if a.kv_budget_gib is None else int(a.kv_budget_gib * GiB)
+        mem = GPUS[a.gpu] if a.gpu else int(a.gpu_mem_gib * GiB)
         kw = dict(tp=a.tp, pp=a.pp, kv_budget_bytes=budget, max_model_len=a.max_model_len,
-                  dtype=a.dtype, gpu_mem_bytes=int(a.gpu_mem_gib * GiB),
-                  gpu_memory_utilization=a.gpu_memory_utilization,
+                  dtype=a.dtype, gpu_mem_bytes=mem, gpu_memory_utilization=a.gpu_memory_utilization,
                   overhead_bytes=int(a.overhead_gib * GiB), prefix_caching=not a.no_prefix_caching)
-        h = plan(cfg, model="hybrid", **kw)
-        m = plan(all_mla(cfg), model="all-MLA", **kw)
+        h = plan(dims, model="hybrid", **kw)
+        m = plan(dims.all_mla(), model="all-MLA", **kw)
+        flags = deploy_plan(a.gpu, a.tp, a.pp, a.max_model_len, a.gpu_memory_utilization,
+                            a.overhead_gib, dims=dims) if a.gpu else None
     except ValueError as e:
         ap.exit(2, f"planner: error: {e}\n")
-    print(json.dumps({"hybrid": asdict(h), "all_mla": asdict(m)}, indent=2) if a.json else report(h, m))
+    if a.json:
+        out = {"hybrid": asdict(h), "all_mla": asdict(m)} | ({"deploy": asdict(flags)} if flags else {})
+        print(json.dumps(out, indent=2))
+    else:
+        print(report(h, m))
+        if flags:
+            print(f"deploy flags ({a.gpu.upper()}): --max-model-len {flags.max_model_len} "
+                  f"--gpu-memory-utilization {flags.gpu_memory_utilization} --max-num-seqs "
+                  f"{flags.max_num_seqs} --max-num-batched-tokens {flags.max_num_batched_tokens}")
     return 0
 
 

