@@ -114,10 +114,9 @@ def shard_report(worker) -> dict:
     return {
         "rank": get_tensor_model_parallel_rank(),
         "kda_heads": kda.heads, "kda_A_log": tuple(kda.A_log.shape),
-        "kda_dt_bias": tuple(kda.dt_bias.shape), "kda_conv": tuple(kda.q_conv1d.weight.shape),
-        "kda_q_out": kda.q_proj.output_size_per_partition,
+        "kda_dt_bias": tuple(kda.dt_bias.shape), "kda_conv": tuple(kda.qkv_conv1d.weight.shape),
+        "kda_in_proj": list(kda.in_proj.output_partition_sizes),
         "kda_f_b_out": kda.f_b_proj.output_size_per_partition,
-        "kda_f_a_out": kda.f_a_proj.output_size, "kda_g_a_out": kda.g_a_proj.output_size,
         "kda_o_in": kda.o_proj.input_size_per_partition,
         "mla_q_out": mla.q_proj.output_size_per_partition,
         "mla_kv_b_out": mla.kv_b_proj.output_size_per_partition,

@@ -395,3 +395,17 @@ def test_reference_kda_core_is_the_spec_matrix_form(model, monkeypatch):
     gate_fn, _ = ref._kda_ops(torch.float32)
     monkeypatch.setattr(ref, "_kda_ops", lambda dtype: (gate_fn, literal))
     torch.testing.assert_close(ref.kda_attention(model, 1, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_published_config_has_the_published_dimensions_and_no_weights(tmp_path):
+    """`--published-config`: Kimi-Linear-48B-A3B's dimensions for `--load-format dummy` runs."""
+    from vllm_kimi_linear.tools.planner import published_config
+    r = subprocess.run([sys.executable, "-m", "vllm_kimi_linear.tools.builder", str(tmp_path / "p"),
+                        "--published-config"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = read_config(tmp_path / "p")
+    assert {k: c[k] for k in published_config()} == published_config()
+    dims = validate_config(c, tp_size=8)
+    assert (dims.num_layers, dims.moe.num_experts, dims.kda.num_heads) == (27, 256, 32)
+    assert not list((tmp_path / "p").glob("*.safetensors"))
+    assert (tmp_path / "p" / "tokenizer.json").is_file()

@@ -41,8 +41,10 @@ def test_each_rank_holds_its_shard(llm, tiny_model_dir):
     for r in reports:
         # KDA by head; the low-rank f_a/g_a down projections replicated
         assert (r["kda_heads"], r["kda_A_log"], r["kda_dt_bias"]) == (H // TP, (H // TP,), (H * D // TP,))
-        assert r["kda_conv"][0] == r["kda_q_out"] == r["kda_f_b_out"] == r["kda_o_in"] == H * D // TP
-        assert (r["kda_f_a_out"], r["kda_g_a_out"]) == (D, D)
+        # one input GEMM: q, k, v, b by head, the low-rank f_a / g_a whole on every rank
+        assert r["kda_in_proj"] == [H * D // TP] * 3 + [H // TP, D, D]
+        assert r["kda_conv"] == (3 * H * D // TP, d.kda.short_conv_kernel_size)
+        assert r["kda_f_b_out"] == r["kda_o_in"] == H * D // TP
         # MLA by head; the latent projection replicated
         assert r["mla_q_out"] == n * (nope + rope) // TP
         assert r["mla_kv_b_out"] == n * (nope + v) // TP and r["mla_o_in"] == n * v // TP

@@ -73,8 +73,11 @@ class KimiLinearModel(nn.Module):
 
 
 class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
-    # checkpoint name piece -> (our parameter name piece, shard id)
-    stacked_params = [(".gate_up_proj", ".gate_proj", 0), (".gate_up_proj", ".up_proj", 1)]
+    # our merged module -> the checkpoint modules it holds, in shard order
+    packed_modules = {"gate_up_proj": ["gate_proj", "up_proj"], **KimiDeltaAttention.packed_modules}
+    # (our name piece, checkpoint name piece, shard id)
+    stacked_params = [(f".{ours}.", f".{ckpt}.", i) for ours, ckpts in packed_modules.items()
+                      for i, ckpt in enumerate(ckpts)]
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -131,8 +134,8 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     def _load_one(self, params, experts, name: str, w: torch.Tensor) -> str:
         for ours, ckpt, shard in self.stacked_params:
-            if ckpt in name:
-                target = name.replace(ckpt, ours)
+            target = name.replace(ckpt, ours)
+            if ckpt in name and target in params:  # (an MLA layer's q_proj is its own)
                 params[target].weight_loader(params[target], w, shard)
                 return target
         for ours, ckpt, expert_id, shard in experts:

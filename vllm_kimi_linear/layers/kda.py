@@ -14,13 +14,14 @@ from vllm.compilation.breakable_cudagraph import eager_break_during_capture
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.layers.linear import (ColumnParallelLinear, ReplicatedLinear,
+from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                                RowParallelLinear)
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.layers.mamba.mamba_utils import (MambaStateDtypeCalculator,
                                                           MambaStateShapeCalculator,
                                                           is_conv_state_dim_first)
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.third_party.flash_linear_attention.ops.kda import FusedRMSNormGated
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from ..config import KimiLinearDims, model_dims
@@ -54,43 +55,66 @@ def _sharded_loader(dim: int, reshape=None):
 
 
 class ConvWeight(nn.Module):
-    """Holds a depthwise conv weight as a plain [dim/tp, K] parameter (checkpoint [dim, 1, K]).
+    """The q, k and v depthwise conv weights as one plain [3 * dim/tp, K] parameter (checkpoint:
+    three [dim, 1, K] tensors, shards 0, 1, 2), so each step reads one weight, not a concatenation.
     Not a vLLM Linear on purpose: on CPU those get repacked (weight removed) after loading."""
 
     def __init__(self, dim: int, kernel: int, dtype: torch.dtype):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(dim, kernel, dtype=dtype), requires_grad=False)
-        set_weight_attrs(self.weight, {"weight_loader": _sharded_loader(0, lambda w: w.reshape(w.shape[0], -1))})
+        self.dim = dim // get_tensor_model_parallel_world_size()
+        self.weight = nn.Parameter(torch.empty(3 * self.dim, kernel, dtype=dtype), requires_grad=False)
+        set_weight_attrs(self.weight, {"weight_loader": self.load})
+
+    def load(self, param: nn.Parameter, w: torch.Tensor, shard_id: int) -> None:
+        rank = get_tensor_model_parallel_rank()
+        w = w.reshape(w.shape[0], -1).narrow(0, rank * self.dim, self.dim)
+        param.data[shard_id * self.dim:(shard_id + 1) * self.dim].copy_(w)
+
+
+class MergedInputProjection(MergedColumnParallelLinear):
+    """Every projection of the layer's input in one GEMM: q, k, v, b sharded by head, and the
+    low-rank f_a, g_a replicated. A replicated shard reserves its full size on every rank
+    (declared as size x tp, so the parent's per-rank arithmetic gives `size`) and is loaded as
+    rank 0 would load it, i.e. whole. (vLLM's in-tree Kimi layer merges f_a the same way.)"""
+
+    def __init__(self, hidden: int, sharded: list[int], replicated: list[int], tp: int, prefix: str):
+        self.replicated_ids = set(range(len(sharded), len(sharded) + len(replicated)))
+        super().__init__(hidden, sharded + [r * tp for r in replicated], bias=False, prefix=prefix)
+
+    def weight_loader(self, param, loaded_weight, loaded_shard_id=None):
+        rank = self.tp_rank
+        if loaded_shard_id in self.replicated_ids:
+            self.tp_rank = 0
+        try:
+            super().weight_loader(param, loaded_weight, loaded_shard_id)
+        finally:
+            self.tp_rank = rank
 
 
 class KimiDeltaAttention(nn.Module, MambaBase):
+    # checkpoint module -> (our module, shard): the model's loader maps names through these
+    packed_modules = {"in_proj": ["q_proj", "k_proj", "v_proj", "b_proj", "f_a_proj", "g_a_proj"],
+                      "qkv_conv1d": ["q_conv1d", "k_conv1d", "v_conv1d"]}
+
     def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         self.vllm_config, self.prefix = vllm_config, prefix
         hid, H, D, K = dims.hidden_size, dims.kda.num_heads, dims.kda.head_dim, dims.kda.short_conv_kernel_size
-        self.heads, self.head_dim, self.eps = H // tp, D, dims.rms_norm_eps
+        self.heads, self.head_dim = H // tp, D
         HD = self.heads * D
-        dtype = vllm_config.model_config.dtype
-
-        def col(i, o, name):  # sharded by head along the output
-            return ColumnParallelLinear(i, o, bias=False, prefix=f"{prefix}.{name}")
-
-        def rep(i, o, name):  # low-rank down projections: small, replicated on every rank
-            return ReplicatedLinear(i, o, bias=False, prefix=f"{prefix}.{name}")
-
-        self.q_proj, self.k_proj, self.v_proj = (col(hid, H * D, f"{c}_proj") for c in "qkv")
-        self.q_conv1d, self.k_conv1d, self.v_conv1d = (ConvWeight(HD, K, dtype) for _ in range(3))
-        self.f_a_proj, self.f_b_proj = rep(hid, D, "f_a_proj"), col(D, H * D, "f_b_proj")
-        self.g_a_proj, self.g_b_proj = rep(hid, D, "g_a_proj"), col(D, H * D, "g_b_proj")
-        self.b_proj = col(hid, H, "b_proj")
+        self.split = [HD, HD, HD, self.heads, D, D]  # this rank's q, k, v, b, f_a, g_a columns
+        self.in_proj = MergedInputProjection(hid, [H * D] * 3 + [H], [D, D], tp, f"{prefix}.in_proj")
+        self.qkv_conv1d = ConvWeight(H * D, K, vllm_config.model_config.dtype)
+        self.f_b_proj = ColumnParallelLinear(D, H * D, bias=False, prefix=f"{prefix}.f_b_proj")
+        self.g_b_proj = ColumnParallelLinear(D, H * D, bias=False, prefix=f"{prefix}.g_b_proj")
         # A_log [1,1,H,1] and dt_bias [H*D] stay fp32 (the gate's exp/softplus are sensitive).
         self.A_log = nn.Parameter(torch.empty(self.heads, dtype=torch.float32), requires_grad=False)
         set_weight_attrs(self.A_log, {"weight_loader": _sharded_loader(0, lambda w: w.reshape(-1))})
         self.dt_bias = nn.Parameter(torch.empty(HD, dtype=torch.float32), requires_grad=False)
         set_weight_attrs(self.dt_bias, {"weight_loader": _sharded_loader(0)})
-        self.o_norm = nn.Module()
-        self.o_norm.weight = nn.Parameter(torch.ones(D, dtype=dtype), requires_grad=False)
+        # vLLM's fused RMSNorm x sigmoid(gate) (Triton on CUDA, PyTorch elsewhere); weight o_norm.weight
+        self.o_norm = FusedRMSNormGated(D, eps=dims.rms_norm_eps, activation="sigmoid")
         self.o_proj = RowParallelLinear(H * D, hid, bias=False, input_is_parallel=True,
                                         prefix=f"{prefix}.o_proj")
         # vLLM finds the layer (for its state pages and metadata) by prefix.
@@ -122,22 +146,19 @@ class KimiDeltaAttention(nn.Module, MambaBase):
     # ---- forward
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         T, H, D = hidden_states.shape[0], self.heads, self.head_dim
-        qkv = torch.cat([self.q_proj(hidden_states)[0], self.k_proj(hidden_states)[0],
-                         self.v_proj(hidden_states)[0]], dim=-1).float()  # KDA math in fp32
-        # shaped [T, H, D] explicitly: kda_gate would misread a flat [T, H*D] when T == H
-        f = self.f_b_proj(self.f_a_proj(hidden_states)[0])[0].view(T, H, D)
-        g = kda_gate(f, self.A_log, self.dt_bias)
-        beta = torch.sigmoid(self.b_proj(hidden_states)[0].float())
-        core = torch.zeros(T, H, D, dtype=torch.float32, device=hidden_states.device)
-        self._run_core(qkv, g, beta, core)
-        gate = torch.sigmoid(self.g_b_proj(self.g_a_proj(hidden_states)[0])[0].float()).view(T, H, D)
-        o = core * torch.rsqrt(core.pow(2).mean(-1, keepdim=True) + self.eps) * self.o_norm.weight.float()
-        o = (o * gate).to(hidden_states.dtype).reshape(T, H * D)
-        return self.o_proj(o)[0]
+        q, k, v, b, f_a, g_a = self.in_proj(hidden_states)[0].split(self.split, dim=-1)
+        qkv = torch.cat([q, k, v], dim=-1)  # the conv's input, in the model dtype
+        # shaped [T, H, D] explicitly: the gate would misread a flat [T, H*D] when T == H
+        f = self.f_b_proj(f_a)[0].view(T, H, D)  # raw: the gate is applied inside the kernels
+        core = torch.zeros(T, H, D, dtype=hidden_states.dtype, device=hidden_states.device)
+        self._run_core(qkv, f, b, core)
+        gate = self.g_b_proj(g_a)[0].view(T, H, D)
+        return self.o_proj(self.o_norm(core, gate).reshape(T, H * D))[0]
 
-    def _core(self, qkv, g, beta, out) -> None:
-        """The recurrent part; writes `out` [T, H, D] fp32 in place. Rows past the batch's real
-        tokens (padding), and every row in profile/dummy runs (no metadata), stay zero.
+    def _core(self, qkv, f, b, out) -> None:
+        """The recurrent part: conv, gate (from the raw `f`), beta (from the logits `b`) and KDA;
+        writes `out` [T, H, D] in place. Rows past the batch's real tokens (padding), and every
+        row in profile/dummy runs (no metadata), stay zero.
 
         CUDA graphs: vLLM captures the whole forward. In piecewise (breakable) graphs this
         function is an eager break (`_run_core`): it runs at every replay with that step's
@@ -152,23 +173,22 @@ class KimiDeltaAttention(nn.Module, MambaBase):
         conv_state, ssm_state = self.kv_cache
         if not is_conv_state_dim_first():
             conv_state = conv_state.transpose(-1, -2)  # (slots, 3HD, K-1) view for our conv ops
-        w = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
+        w = self.qkv_conv1d.weight
         idx = m.non_spec_state_indices_tensor
         nd, ndt, npf, npt = m.num_decodes, m.num_decode_tokens, m.num_prefills, m.num_prefill_tokens
 
-        def qkvgb(x, gg, bb, shape):
-            q, k, v = x.split(H * D, dim=-1)
-            return (*(t.reshape(*shape, H, D) for t in (q, k, v)),
-                    gg.reshape(*shape, H, D), bb.reshape(*shape, H))
+        def heads(x, shape):
+            return (t.reshape(*shape, H, D) for t in x.split(H * D, dim=-1))
 
         # Batches are ordered decodes first, then prefills (GDN metadata, reorder threshold 1).
         if nd:
             slots = idx[:nd]
-            x = causal_conv1d_update(qkv[:ndt], w, conv_state, slots)
-            q, k, v, gg, bb = qkvgb(x, g[:ndt], beta[:ndt], (ndt, 1))
-            o, _ = fused_recurrent_kda(q, k, v, gg, bb, scale=D ** -0.5, initial_state=ssm_state,
+            q, k, v = heads(causal_conv1d_update(qkv[:ndt], w, conv_state, slots), (ndt, 1))
+            g = kda_gate(f[:ndt], self.A_log, self.dt_bias).view(ndt, 1, H, D)  # a few tokens: unfused
+            beta = torch.sigmoid(b[:ndt].float()).view(ndt, 1, H)
+            o, _ = fused_recurrent_kda(q, k, v, g, beta, scale=D ** -0.5, initial_state=ssm_state,
                                        use_qk_l2norm_in_kernel=True, ssm_state_indices=slots)
-            out[:ndt] = o.reshape(ndt, H, D).float()
+            out[:ndt] = o.reshape(ndt, H, D)
         if npf:
             s, e = ndt, ndt + npt
             slots = idx[nd:nd + npf]
@@ -176,11 +196,13 @@ class KimiDeltaAttention(nn.Module, MambaBase):
             layout = m.prefill_layout  # built once per step for every KDA layer (kda_metadata.py)
             cu = layout.cu_seqlens
             x = causal_conv1d(qkv[s:e], w, cu, conv_state, slots, his, seq_of_token=layout.seq_of_token)
-            q, k, v, gg, bb = qkvgb(x, g[s:e], beta[s:e], (1, npt))
+            q, k, v = heads(x, (1, npt))
             # vLLM does not clear a slot on reuse: a new request must start from zeros.
             init = torch.where(his.view(-1, 1, 1, 1), ssm_state[slots.long()].float(), 0.0)
-            o, final = chunk_kda(q, k, v, gg, bb, scale=D ** -0.5, initial_state=init,
-                                 output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu,
-                                 chunk_layout=layout.chunk_layout)
+            o, final = chunk_kda(q, k, v, f[s:e].reshape(1, npt, H, D), b[s:e].reshape(1, npt, H),
+                                 scale=D ** -0.5, initial_state=init, output_final_state=True,
+                                 use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                                 use_beta_sigmoid_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+                                 cu_seqlens=cu, chunk_layout=layout.chunk_layout)
             ssm_state[slots.long()] = final.to(ssm_state.dtype)
-            out[s:e] = o.reshape(npt, H, D).float()
+            out[s:e] = o.reshape(npt, H, D)

@@ -8,6 +8,7 @@ trained locally on the text embedded below, and generation_config.json.
     python -m vllm_kimi_linear.tools.builder OUTDIR [--hidden 256] [--layers 4] [--all-mla] ...
     python -m vllm_kimi_linear.tools.builder OUTDIR --layout mla-first    # a named preset (LAYOUTS)
     python -m vllm_kimi_linear.tools.builder OUTDIR --layers 6 --full-attn-layers 1,5 --dense-layers 2
+    python -m vllm_kimi_linear.tools.builder OUTDIR --published-config   # 48B dims, no weights
 
 Same options -> byte-identical files: every tensor draws from its own generator seeded by
 (seed, tensor name), so a tensor's values do not depend on which other tensors exist, and a
@@ -295,6 +296,25 @@ def build_tiny_checkpoint(out_dir, **options) -> Path:
     return out
 
 
+def build_published_config(out_dir) -> Path:
+    """Kimi-Linear-48B-A3B's config.json (the published dimensions) with the tiny tokenizer and
+    no weights: for `vllm serve DIR --load-format dummy` (speed and memory at full size, no
+    download). Token ids stay below the tokenizer's size, far below vocab_size."""
+    from .planner import published_config
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(build_tokenizer(TinyOptions().vocab), out)
+    cfg = published_config() | {
+        "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
+        "hidden_act": "silu", "torch_dtype": "bfloat16", "max_position_embeddings": 1048576,
+        "model_max_length": 1048576, "moe_renormalize": True, "num_nextn_predict_layers": 0}
+    write_json(out / "config.json", cfg)
+    write_json(out / "generation_config.json",
+               {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]})
+    return out
+
+
 def _layer_numbers(text: str) -> tuple[int, ...]:
     """--full-attn-layers: a comma list of 1-based layer numbers ("" = no MLA layer)."""
     try:
@@ -348,6 +368,16 @@ def _parse(argv: list[str] | None) -> tuple[Path, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--published-config" in argv:  # the published dimensions, no weights (--load-format dummy)
+        rest = [a for a in argv if a != "--published-config"]
+        if len(rest) != 1:
+            print("usage: --published-config OUTDIR (no other option)", file=sys.stderr)
+            return 2
+        print(f"wrote {build_published_config(Path(rest[0]))}: the published config, tiny tokenizer, "
+              "no weights (serve with --load-format dummy)")
+        return 0
     out, options = _parse(argv)
     try:
         path = build_tiny_checkpoint(out, **options)

@@ -24,21 +24,30 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-              use_qk_l2norm_in_kernel=False, cu_seqlens=None, backend=None, chunk_layout=None):
+              use_qk_l2norm_in_kernel=False, cu_seqlens=None, backend=None, chunk_layout=None,
+              use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None, dt_bias=None):
     """Chunked KDA prefill. q, k, g: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g is the
     per-channel log-decay (<= 0). States are [N, H, K, V] float32; with `cu_seqlens` [N + 1],
     B == 1 and N sequences are packed along T. Returns (o [B, T, H, V], final_state or None).
+    q, k, v may be bf16/fp16 (computed in fp32 inside, dots on bf16 operands as fla does).
     `chunk_layout` (Triton backend): `triton_chunk.chunk_layout_host` of the batch as device
-    int32 tensors, built where the host knows the lengths, so the call does not synchronise."""
+    int32 tensors, built where the host knows the lengths, so the call does not synchronise.
+
+    Pre-processing in the kernels, fla-core's keywords and formulas:
+    `use_gate_in_kernel`: g is the raw gate projection f, and g = -exp(A_log) * softplus(f + dt_bias)
+    (A_log [H], dt_bias [H*K] or None); `use_beta_sigmoid_in_kernel`: beta holds logits, and
+    beta = sigmoid(beta); `use_qk_l2norm_in_kernel`: q and k are l2-normalised over K."""
     args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
+    pre = dict(use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+               A_log=A_log, dt_bias=dt_bias)
     be = resolve_backend(q.device, backend)
     if be == "triton":
         from .triton_chunk import chunk_kda_triton
-        return chunk_kda_triton(*args, chunk_layout=chunk_layout)
+        return chunk_kda_triton(*args, chunk_layout=chunk_layout, **pre)
     if be == "fla":
         from .fla_backend import chunk_kda_fla
-        return chunk_kda_fla(*args)
-    return chunk_kda_torch(*args)
+        return chunk_kda_fla(*args, **pre)
+    return chunk_kda_torch(*args, **pre)
 
 
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,

@@ -10,8 +10,13 @@ from dataclasses import dataclass
 import torch
 
 
-def check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices=None):
-    """Validate shapes; return (B, T, H, K, V, N) where N is the number of sequences."""
+def check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices=None, *,
+                   A_log=None, dt_bias=None, use_gate_in_kernel=False):
+    """Validate shapes; return (B, T, H, K, V, N) where N is the number of sequences.
+
+    With `use_gate_in_kernel`, g is the raw gate projection f and A_log (H elements) and the
+    optional dt_bias (H*K elements) are the gate's parameters; they are refused otherwise, so
+    a gate that would silently not be applied is an error."""
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
     B, T, H, K = q.shape
@@ -52,10 +57,30 @@ def check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indice
     elif initial_state is not None and tuple(initial_state.shape) != (N, H, K, V):
         raise ValueError(f"initial_state must be [N, H, K, V] = {(N, H, K, V)}, "
                          f"got {tuple(initial_state.shape)}")
+    check_gate_args(A_log, dt_bias, use_gate_in_kernel, H, K)
     if initial_state is not None and initial_state.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"recurrent states are kept in float32, got {initial_state.dtype}: "
                          "pass initial_state.float()")
     return B, T, H, K, V, N
+
+
+def check_gate_args(A_log, dt_bias, use_gate_in_kernel, H, K):
+    """Shapes of the in-kernel gate's parameters (fla's layout: A_log [H], dt_bias [H*K])."""
+    if not use_gate_in_kernel:
+        if A_log is not None or dt_bias is not None:
+            raise ValueError("A_log / dt_bias are the in-kernel gate's parameters: pass "
+                             "use_gate_in_kernel=True (g is then the raw gate projection), or drop them")
+        return
+    if A_log is None:
+        raise ValueError(f"use_gate_in_kernel=True needs A_log: one value per head, [H] = [{H}]")
+    if A_log.numel() != H:
+        raise ValueError(f"A_log must have H={H} elements (one per head), got shape {tuple(A_log.shape)}")
+    if dt_bias is not None and dt_bias.numel() != H * K:
+        raise ValueError(f"dt_bias must have H*K = {H}*{K} = {H * K} elements ([H*K] or [H, K]), "
+                         f"got shape {tuple(dt_bias.shape)}")
+    for name, t in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def seq_bounds(B: int, T: int, cu_seqlens) -> list[tuple[int, int]]:

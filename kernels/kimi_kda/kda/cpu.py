@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .args import ChunkLayout, check_kda_args, l2norm, seq_bounds
+from .gate import kda_gate
 
 CHUNK = 64
 LEAF = 4
@@ -30,11 +31,17 @@ LEAF = 4
 _INTRA_BATCH_ELEMS = 1 << 21  # ~2M elements: the per-batch temporaries stay in cache
 
 
-def _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm):
+def _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm, A_log=None, dt_bias=None, beta_sigmoid=False):
     """[B, T, ...] -> [B*T, ...] in the compute dtype (float64 for float64 inputs, whose states are
-    then float64 too; float32 otherwise), with q and k normalised if asked and q scaled."""
+    then float64 too; float32 otherwise), with q and k normalised if asked and q scaled. With
+    A_log, g is the raw gate projection and the gate is applied (in the compute dtype: the one
+    upcast this path makes anyway); with beta_sigmoid, beta holds logits."""
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v, g, beta = (x.flatten(0, 1).to(dt) for x in (q, k, v, g, beta))
+    if A_log is not None:
+        g = kda_gate(g, A_log, dt_bias, output_dtype=dt)
+    if beta_sigmoid:
+        beta = beta.sigmoid()
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     return q * (q.shape[-1] ** -0.5 if scale is None else scale), k, v, g, beta
@@ -104,12 +111,18 @@ def _intra_chunk(q, k, v, g, beta):
 
 
 def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                    use_qk_l2norm_in_kernel=False, cu_seqlens=None, chunk_size: int = CHUNK):
-    B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens)
+                    use_qk_l2norm_in_kernel=False, cu_seqlens=None, chunk_size: int = CHUNK, *,
+                    use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None, dt_bias=None):
+    """`use_gate_in_kernel` / `use_beta_sigmoid_in_kernel`: g and beta are the raw projections
+    (see `kimi_kda.kda.chunk_kda`); here the gate and the sigmoid simply run first."""
+    B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, A_log=A_log,
+                                      dt_bias=dt_bias, use_gate_in_kernel=use_gate_in_kernel)
     if chunk_size not in (16, 64, 256):
         raise ValueError(f"chunk_size must be 16, 64 or 256, got {chunk_size}")
     out_dtype = v.dtype
-    q, k, v, g, beta = _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
+    q, k, v, g, beta = _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel,
+                                       A_log if use_gate_in_kernel else None, dt_bias,
+                                       use_beta_sigmoid_in_kernel)
     dt = q.dtype
 
     total = B * T

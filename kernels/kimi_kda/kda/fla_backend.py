@@ -16,12 +16,18 @@ def _fla():
 
 
 def chunk_kda_fla(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                  use_qk_l2norm_in_kernel=False, cu_seqlens=None):
-    check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens)
+                  use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, use_gate_in_kernel=False,
+                  use_beta_sigmoid_in_kernel=False, A_log=None, dt_bias=None):
+    check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, A_log=A_log, dt_bias=dt_bias,
+                   use_gate_in_kernel=use_gate_in_kernel)
     chunk_kda, _ = _fla()
+    # fla reads A_log and dt_bias from **kwargs, and only when use_gate_in_kernel is set
+    gate = dict(A_log=A_log, dt_bias=dt_bias) if use_gate_in_kernel else {}
     return chunk_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state,
-                     use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens)
+                     use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
+                     use_gate_in_kernel=use_gate_in_kernel,
+                     use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, **gate)
 
 
 def fused_recurrent_kda_fla(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
