@@ -192,3 +192,29 @@ def test_gate_argument_errors():
     for backend in ("torch", "triton"):
         with pytest.raises(ValueError, match="A_log must have"):
             chunk_kda(q, k, v, f, b, use_gate_in_kernel=True, A_log=torch.zeros(2, 2), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_recurrent_decode_on_a_pool_matches_naive(backend, bias):
+    """The layer's decode call: one token per sequence, raw gate projection and beta logits,
+    states read and written in place in a pool at the named slots; a padded entry (slot -1) is
+    skipped and its output is 0."""
+    from kimi_kda.kda import fused_recurrent_kda
+    N, H, K, V = 4, 3, 64, 32
+    (q, k, v, f, b), A_log, dt_bias, _ = make_raw(N, H, K, V, N=N, bias=bias)
+    q, k, v, f, b = (x.reshape(N, 1, *x.shape[2:]) for x in (q, k, v, f, b))
+    pool = torch.randn(7, H, K, V)
+    slots = torch.tensor([5, 0, -1, 2])
+    before = pool.clone()
+    o, _ = fused_recurrent_kda(q, k, v, f, b, initial_state=pool, ssm_state_indices=slots,
+                               A_log=A_log, dt_bias=dt_bias, backend=backend, **FUSED)
+    for n, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            assert (o[n] == 0).all()
+            continue
+        ro, rs = fused_reference(q[n:n + 1], k[n:n + 1], v[n:n + 1], f[n:n + 1], b[n:n + 1], A_log,
+                                 dt_bias, before[slot:slot + 1])
+        check(o[n:n + 1], pool[slot:slot + 1], ro, rs, 1e-4)
+    untouched = [i for i in range(7) if i not in slots.tolist()]
+    assert torch.equal(pool[untouched], before[untouched])

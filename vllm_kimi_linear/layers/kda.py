@@ -25,7 +25,7 @@ from vllm.third_party.flash_linear_attention.ops.kda import FusedRMSNormGated
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from ..config import KimiLinearDims, model_dims
-from ..ops import (causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda, kda_gate)
+from ..ops import causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda
 
 
 def kda_state_shape(vllm_config: VllmConfig):
@@ -81,14 +81,25 @@ class MergedInputProjection(MergedColumnParallelLinear):
         self.replicated_ids = set(range(len(sharded), len(sharded) + len(replicated)))
         super().__init__(hidden, sharded + [r * tp for r in replicated], bias=False, prefix=prefix)
 
-    def weight_loader(self, param, loaded_weight, loaded_shard_id=None):
-        rank = self.tp_rank
+    def _as_rank_0(self, load, param, loaded_weight, loaded_shard_id):
+        # the v1 loader reads the layer's tp_rank, the v2 loader (vLLM parameters) the parameter's
+        ranks = self.tp_rank, getattr(param, "tp_rank", None)
         if loaded_shard_id in self.replicated_ids:
             self.tp_rank = 0
+            if ranks[1] is not None:
+                param.tp_rank = 0
         try:
-            super().weight_loader(param, loaded_weight, loaded_shard_id)
+            load(param, loaded_weight, loaded_shard_id)
         finally:
-            self.tp_rank = rank
+            self.tp_rank = ranks[0]
+            if ranks[1] is not None:
+                param.tp_rank = ranks[1]
+
+    def weight_loader(self, param, loaded_weight, loaded_shard_id=None):
+        self._as_rank_0(super().weight_loader, param, loaded_weight, loaded_shard_id)
+
+    def weight_loader_v2(self, param, loaded_weight, loaded_shard_id=None):
+        self._as_rank_0(super().weight_loader_v2, param, loaded_weight, loaded_shard_id)
 
 
 class KimiDeltaAttention(nn.Module, MambaBase):
@@ -184,10 +195,11 @@ class KimiDeltaAttention(nn.Module, MambaBase):
         if nd:
             slots = idx[:nd]
             q, k, v = heads(causal_conv1d_update(qkv[:ndt], w, conv_state, slots), (ndt, 1))
-            g = kda_gate(f[:ndt], self.A_log, self.dt_bias).view(ndt, 1, H, D)  # a few tokens: unfused
-            beta = torch.sigmoid(b[:ndt].float()).view(ndt, 1, H)
-            o, _ = fused_recurrent_kda(q, k, v, g, beta, scale=D ** -0.5, initial_state=ssm_state,
-                                       use_qk_l2norm_in_kernel=True, ssm_state_indices=slots)
+            o, _ = fused_recurrent_kda(q, k, v, f[:ndt].reshape(ndt, 1, H, D), b[:ndt].reshape(ndt, 1, H),
+                                       scale=D ** -0.5, initial_state=ssm_state,
+                                       use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                                       use_beta_sigmoid_in_kernel=True, A_log=self.A_log,
+                                       dt_bias=self.dt_bias, ssm_state_indices=slots)
             out[:ndt] = o.reshape(ndt, H, D)
         if npf:
             s, e = ndt, ndt + npt

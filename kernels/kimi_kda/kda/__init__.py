@@ -52,21 +52,25 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None,
-                        backend=None):
-    """Token-by-token KDA, same arguments as `chunk_kda`. With `ssm_state_indices` [N],
+                        backend=None, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+                        A_log=None, dt_bias=None):
+    """Token-by-token KDA, same arguments as `chunk_kda` (gate and beta sigmoid in the kernel
+    too). With `ssm_state_indices` [N],
     `initial_state` is a state pool [num_slots, H, K, V]: row ssm_state_indices[n] is sequence n's
     state, read and updated in place; a negative index marks a padded entry, which is skipped
     (its output is 0 and no row is touched). Returns (o, pool) in that case."""
     args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
             cu_seqlens, ssm_state_indices)
+    pre = dict(use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+               A_log=A_log, dt_bias=dt_bias)
     be = resolve_backend(q.device, backend)
     if be == "triton":
         from .triton_recurrent import fused_recurrent_kda_triton
-        return fused_recurrent_kda_triton(*args)
+        return fused_recurrent_kda_triton(*args, **pre)
     if be == "fla":
         from .fla_backend import fused_recurrent_kda_fla
-        return fused_recurrent_kda_fla(*args)
-    return fused_recurrent_kda_torch(*args)
+        return fused_recurrent_kda_fla(*args, **pre)
+    return fused_recurrent_kda_torch(*args, **pre)
 
 
 __all__ = ["chunk_kda", "fused_recurrent_kda", "kda_gate", "resolve_backend", "check_kda_args", "BACKENDS"]

@@ -191,12 +191,18 @@ def _varlen_scan(seq_chunks, S, Aqk, wq, u, kend_t, g_last_exp):
 
 
 def fused_recurrent_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                              use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None):
+                              use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None,
+                              use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None,
+                              dt_bias=None):
     """Token-by-token recurrence. With `ssm_state_indices`, `initial_state` is a state pool whose
-    named rows are read and updated in place (negative index: padded entry, skipped, output 0)."""
-    B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices)
+    named rows are read and updated in place (negative index: padded entry, skipped, output 0).
+    `use_gate_in_kernel` / `use_beta_sigmoid_in_kernel`: as `chunk_kda_torch`."""
+    B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices,
+                                      A_log=A_log, dt_bias=dt_bias, use_gate_in_kernel=use_gate_in_kernel)
     out_dtype = v.dtype
-    q, k, v, g, beta = _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
+    q, k, v, g, beta = _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel,
+                                       A_log if use_gate_in_kernel else None, dt_bias,
+                                       use_beta_sigmoid_in_kernel)
     dt = q.dtype
     bounds = seq_bounds(B, T, cu_seqlens)
     o = v.new_zeros(B * T, H, V)   # compute dtype; cast on return

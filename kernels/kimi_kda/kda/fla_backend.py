@@ -31,8 +31,16 @@ def chunk_kda_fla(q, k, v, g, beta, scale=None, initial_state=None, output_final
 
 
 def fused_recurrent_kda_fla(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                            use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None):
-    check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices)
+                            use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None, *,
+                            use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None,
+                            dt_bias=None):
+    check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices, A_log=A_log,
+                   dt_bias=dt_bias, use_gate_in_kernel=use_gate_in_kernel)
+    if use_gate_in_kernel:  # fla's recurrent kernel takes the gate made: make it first
+        from .gate import kda_gate
+        g = kda_gate(g, A_log, dt_bias)
+    if use_beta_sigmoid_in_kernel:
+        beta = beta.float().sigmoid()
     if ssm_state_indices is not None and bool((ssm_state_indices < 0).any()):
         # fla reads slot -1 as a real row (vLLM #28436); only our kernels skip padded entries
         raise ValueError("backend='fla' cannot skip padded (negative) slot indices; use backend='triton'")

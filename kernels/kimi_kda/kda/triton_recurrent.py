@@ -12,15 +12,16 @@ import triton
 import triton.language as tl
 
 from .args import check_kda_args
+from .triton_chunk import _softplus
 
 
 @triton.jit
 def _recurrent_kda_kernel(
-    q, k, v, g, beta, o, h0, ht, cu_seqlens, slot_indices,
+    q, k, v, g, beta, o, h0, ht, cu_seqlens, slot_indices, A_log, dt_bias,
     scale, T, stride_pool_slot,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_POOL: tl.constexpr,
-    L2NORM: tl.constexpr,
+    L2NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr,
 ):
     i_nh = tl.program_id(0)
     i_v = tl.program_id(1)
@@ -52,12 +53,21 @@ def _recurrent_kda_kernel(
         if HAS_H0:
             b_h += tl.load(h0 + i_n.to(tl.int64) * H * K * V + state_off, mask=mask_h, other=0.0).to(tl.float32)
 
+    if GATE:  # g is the raw gate projection: g = -exp(A_log) softplus(f + dt_bias), per step below
+        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+        b_bias = tl.zeros([BK], dtype=tl.float32)
+        if HAS_BIAS:
+            b_bias = tl.load(dt_bias + i_h * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
     for t in range(bos, eos):
         b_q = tl.load(q + (t * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
         b_k = tl.load(k + (t * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
         b_g = tl.load(g + (t * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
         b_v = tl.load(v + (t * H + i_h) * V + o_v, mask=mask_v, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + t * H + i_h).to(tl.float32)
+        if GATE:
+            b_g = -b_a * _softplus(b_g + b_bias)
+        if BETA_SIGMOID:
+            b_beta = tl.sigmoid(b_beta)
         if L2NORM:
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
@@ -75,8 +85,10 @@ def _recurrent_kda_kernel(
 
 def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None,
-                               *, block_v=None, num_warps=None):
-    B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices)
+                               *, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None,
+                               dt_bias=None, block_v=None, num_warps=None):
+    B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices,
+                                      A_log=A_log, dt_bias=dt_bias, use_gate_in_kernel=use_gate_in_kernel)
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     use_pool = ssm_state_indices is not None
@@ -85,17 +97,20 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
     if not use_pool and initial_state is not None:
         initial_state = initial_state.contiguous()
     o = torch.empty_like(v)
+    a_log = A_log.reshape(-1).contiguous() if use_gate_in_kernel else g   # (g: an unread stand-in)
+    bias = dt_bias.reshape(-1).contiguous() if use_gate_in_kernel and dt_bias is not None else g
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if (output_final_state and not use_pool) else None
     BK = triton.next_power_of_2(K)
     # measured on an H200 (kernels/RESULTS.md): BV=64 with 2 warps reads+writes the pool fastest
     BV = block_v or min(triton.next_power_of_2(V), 64)
     grid = (N * H, triton.cdiv(V, BV))
     _recurrent_kda_kernel[grid](
-        q, k, v, g, beta, o, initial_state, ht, cu_seqlens, ssm_state_indices,
+        q, k, v, g, beta, o, initial_state, ht, cu_seqlens, ssm_state_indices, a_log, bias,
         scale, T, initial_state.stride(0) if use_pool else 0,
         H=H, K=K, V=V, BK=BK, BV=BV,
         HAS_H0=initial_state is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None,
-        USE_POOL=use_pool, L2NORM=use_qk_l2norm_in_kernel,
+        USE_POOL=use_pool, L2NORM=use_qk_l2norm_in_kernel, GATE=use_gate_in_kernel,
+        HAS_BIAS=dt_bias is not None, BETA_SIGMOID=use_beta_sigmoid_in_kernel,
         num_warps=num_warps or 2,
     )
     if use_pool:
