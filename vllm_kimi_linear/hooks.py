@@ -26,6 +26,13 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
         dims = validate_config(cfg, tp_size=vllm_config.parallel_config.tensor_parallel_size,
                                on_cpu=on_cpu)
         check_checkpoint(dims, mc.model)
+        if not dims.kda_layers:
+            # Every layer MLA (the all-MLA baseline): say so the way vLLM reads it for hybrid
+            # classes whose config has no non-attention layer (ModelConfig.is_hybrid's
+            # layer_types check), so vLLM sizes no KDA state pages and runs prefix caching as for
+            # any attention model; as a hybrid its runner would die at the first request
+            # ("no mamba layers in the model").
+            mc.hf_config.layer_types = ["full_attention"] * dims.num_layers
         if current_platform.is_cuda():
             from .cuda_checks import check_cuda_mla
             check_cuda_mla(mc.dtype, dims.mla, current_platform)

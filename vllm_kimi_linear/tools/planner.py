@@ -12,9 +12,9 @@ KV cache pool exactly as vLLM 0.32 lays it out for a hybrid model, so that its t
 concurrency figures equal vLLM's start-up line "KV cache size: N tokens, Maximum concurrency for
 L tokens per request: X" for the same budget (tests/test_planner.py starts vLLM to check):
   * block size: the smallest multiple of 128 whose MLA page (block x 576 x dtype) covers one
-    KDA state (platforms/interface.py `_align_hybrid_block_size`); vLLM does this for our
-    model class (is_hybrid) even when every layer is MLA, so the all-MLA variant gets the same
-    block; KDA pages are padded to that page;
+    KDA state (platforms/interface.py `_align_hybrid_block_size`); KDA pages are padded to that
+    page. A config with no KDA layer is not hybrid for vLLM (the config hook says so), so the
+    all-MLA variant keeps the MLA kernel block (16);
   * groups: layers of each kind are split into groups of min(#MLA, #KDA) layers (the smaller
     kind's count, or the larger when it is < 1.5x), the last group of a kind padded
     (kv_cache_utils `_get_kv_cache_groups_uniform_page_size`); one block id = one page in every
@@ -145,7 +145,7 @@ def _stage_plan(dims, tp, layers, budget, max_model_len, dtype, prefix_caching):
     tok = mla_bytes_per_token_layer(dims, dtype)
     state = kda_state_bytes_layer(dims, tp, dtype)
     block = MLA_KERNEL_BLOCK
-    if n_mla:  # _align_hybrid_block_size: our model class is hybrid even with no KDA layer
+    if n_mla and dims.kda_layers:  # _align_hybrid_block_size (an all-MLA config is not hybrid)
         block = max(block, HYBRID_ALIGN)
         block = block * math.ceil(state / (block * tok))
     page = block * tok if n_mla else state
