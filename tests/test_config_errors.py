@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,8 @@ CASES = {
     "moe_freq": (lambda c: c.__setitem__("moe_layer_freq", 0), r"moe_layer_freq must be a positive integer"),
     "dense_count": (lambda c: c.__setitem__("first_k_dense_replace", -1),
                     r"first_k_dense_replace must be an integer >= 0"),
+    "mtp_count": (lambda c: c.__setitem__("num_nextn_predict_layers", -1),
+                  r"num_nextn_predict_layers must be an integer >= 0"),
     "layer_list_type": (lambda c: c["linear_attn_config"].__setitem__("kda_layers", "1,2,3"),
                         r"kda_layers must be a list of 1-based layer numbers"),
 }
@@ -127,9 +130,13 @@ def test_checkpoint_errors_name_the_tensor(cfg):
     name = "model.layers.1.self_attn.A_log"
     assert check_tensor(exp, name, (1, 1, 4, 1))
     assert not check_tensor(exp, "model.layers.3.self_attn.rotary_emb.inv_freq", (32,))
-    with pytest.raises(KimiLinearCheckpointError, match=rf"tensor {name} has shape \(4,\), but "
-                                                        r"config.json implies \(1, 1, 4, 1\)"):
-        check_tensor(exp, name, (4,))
+    assert check_tensor(exp, name, (4,))  # A_log as [H]: the same values (in-tree vLLM takes both)
+    for bad in ((5,), (1, 1, 4, 2), (4, 1)):
+        with pytest.raises(KimiLinearCheckpointError, match=rf"tensor {name} has shape {re.escape(str(bad))}, "
+                                                            r"but config.json implies \(1, 1, 4, 1\)"):
+            check_tensor(exp, name, bad)
+    with pytest.raises(KimiLinearCheckpointError, match="dt_bias has shape"):
+        check_tensor(exp, "model.layers.1.self_attn.dt_bias", (256, 1))
     seen = set(exp) - {"model.layers.2.self_attn.dt_bias"}
     with pytest.raises(KimiLinearCheckpointError,
                        match=r"tensor model.layers.2.self_attn.dt_bias is missing; expected shape \(256,\)"):

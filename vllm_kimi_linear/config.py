@@ -130,6 +130,7 @@ class KimiLinearDims:
     first_k_dense_replace: int
     moe_layer_freq: int
     tie_word_embeddings: bool = False
+    mtp_layers: int = 0  # num_nextn_predict_layers: in the checkpoint after the decoder, not served
 
     def __post_init__(self):
         _pos_ints("", hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
@@ -191,7 +192,8 @@ class KimiLinearDims:
                         topk_group=cfg.get("topk_group") or 1),
             kda_layers=tuple(lin["kda_layers"]), full_attn_layers=tuple(lin["full_attn_layers"]),
             first_k_dense_replace=cfg["first_k_dense_replace"], moe_layer_freq=cfg["moe_layer_freq"],
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            mtp_layers=cfg.get("num_nextn_predict_layers", 0) or 0)
 
     # ---- layer kinds (0-based index i, as the model numbers its layers)
     def is_kda(self, i: int) -> bool:
@@ -276,8 +278,9 @@ def _check_unsupported(cfg: dict) -> None:
         _fail("mla_use_output_gate must be false (not part of Kimi Linear)")
     if cfg.get("hidden_act", "silu") != "silu":
         _fail(f"hidden_act must be 'silu', got {cfg.get('hidden_act')!r}")
-    if cfg.get("num_nextn_predict_layers", 0):
-        _fail("num_nextn_predict_layers must be 0: multi-token prediction layers are not supported")
+    mtp = cfg.get("num_nextn_predict_layers", 0) or 0
+    if isinstance(mtp, bool) or not isinstance(mtp, int) or mtp < 0:
+        _fail(f"num_nextn_predict_layers must be an integer >= 0, got {mtp!r}")
 
 
 def validate_config(cfg: dict[str, Any], tp_size: int = 1, on_cpu: bool = False) -> KimiLinearDims:

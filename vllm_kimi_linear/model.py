@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import fused_moe_make_expert_params_mapping
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -27,6 +28,9 @@ from .config import KimiLinearDims, model_dims
 from .layers.kda import KimiDeltaAttention, kda_state_dtype, kda_state_shape
 from .layers.mla import KimiMLAAttention
 from .layers.moe import KimiMLP, KimiMoE
+
+
+logger = init_logger("vllm.kimi_linear")
 
 
 class KimiDecoderLayer(nn.Module):
@@ -124,12 +128,19 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
                                                        num_experts=self.dims.moe.num_experts)
         seen: set[str] = set()
         loaded: set[str] = set()
+        mtp = 0
         for name, w in weights:
             if not check_tensor(expected, name, w.shape):
-                continue  # e.g. rotary_emb.inv_freq or MTP layers: not part of this model
+                # e.g. rotary_emb.inv_freq, or the multi-token-prediction layers after the decoder
+                mtp += name.startswith("model.layers.") and int(name.split(".")[2]) >= self.dims.num_layers
+                continue
             seen.add(name)
             loaded.add(self._load_one(params, experts, name, w))
         check_all_present(expected, seen)
+        if mtp:
+            logger.info("Kimi Linear: skipped %d tensors of the checkpoint's %d multi-token-prediction "
+                        "layer(s) (num_nextn_predict_layers): serving does not use them", mtp,
+                        self.dims.mtp_layers)
         return loaded
 
     def _load_one(self, params, experts, name: str, w: torch.Tensor) -> str:
