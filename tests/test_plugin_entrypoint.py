@@ -107,3 +107,29 @@ def test_register_changes_no_class_for_other_models_and_imports_no_tool():
     assert out.returncode == 0, out.stderr[-3000:]
     module, tools = out.stdout.strip().splitlines()[-2:]
     assert module == "vllm.v1.core.kv_cache_manager" and tools == "[]", out.stdout
+
+
+def test_kimi_k3_language_model_stays_vllms(monkeypatch):
+    """vLLM builds Kimi-K3's language model through the registry name KimiLinearForCausalLM as a
+    submodel (`with_hf_config`): the plugin's class hands that construction to vLLM's own class
+    (here a recorder standing in for it: the real one needs CUDA), and builds Kimi Linear itself."""
+    from types import SimpleNamespace
+
+    import vllm.models.kimi_k3 as k3
+
+    from vllm_kimi_linear.model import KimiLinearForCausalLM
+
+    made = []
+
+    class VllmOwn:
+        def __init__(self, *, vllm_config, prefix=""):
+            made.append((vllm_config, prefix))
+
+    monkeypatch.setattr(k3, "KimiLinearForCausalLM", VllmOwn)
+    sub = SimpleNamespace(model_config=SimpleNamespace(is_submodel_config=True))
+    m = KimiLinearForCausalLM(vllm_config=sub, prefix="language_model")
+    assert isinstance(m, VllmOwn) and made == [(sub, "language_model")]
+    # not a submodel: the plugin's own class (its constructor then reads the config)
+    top = SimpleNamespace(model_config=SimpleNamespace(is_submodel_config=False))
+    assert isinstance(KimiLinearForCausalLM.__new__(KimiLinearForCausalLM, vllm_config=top),
+                      KimiLinearForCausalLM)

@@ -83,6 +83,15 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
     stacked_params = [(f".{ours}.", f".{ckpt}.", i) for ours, ckpts in packed_modules.items()
                       for i, ckpt in enumerate(ckpts)]
 
+    def __new__(cls, *args, vllm_config: VllmConfig | None = None, prefix: str = "", **kwargs):
+        # vLLM builds Kimi-K3's language model through this same registry name, as a submodel
+        # (`init_vllm_registered_model`): that one stays vLLM's own class. Kimi Linear itself is
+        # never a submodel.
+        if vllm_config is not None and getattr(vllm_config.model_config, "is_submodel_config", False):
+            from vllm.models.kimi_k3 import KimiLinearForCausalLM as VllmKimiLinear
+            return VllmKimiLinear(vllm_config=vllm_config, prefix=prefix)
+        return super().__new__(cls)
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         # Also checked by the config hook at start-up; repeated here for direct constructions.
