@@ -86,9 +86,10 @@ def test_state_route_and_metrics_follow_the_requests(client, server):
     assert layout["block_size"] == 128 and layout["kda_state_cache_mode"] == "align"
     assert layout["kda_slot_bytes"] > 0 and layout["mla_bytes_per_token"] == (512 + 64) * 4
     long_messages = [{"role": "user", "content": "tide pools and kelp " * 150}]
-    # stream slowly enough to look while the request holds its state
-    stream = client.chat.completions.create(model=SERVED_NAME, messages=long_messages, max_tokens=64,
-                                            temperature=0, stream=True)
+    # long enough to look while the request holds its state (no early end-of-sequence: the
+    # gauges are read after the first chunk, the request then has hundreds of steps to go)
+    stream = client.chat.completions.create(model=SERVED_NAME, messages=long_messages, max_tokens=600,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
     next(iter(stream))
     during = _gauges(base)
     assert during["kimi_linear_kda_slots_in_use"] > 0 and during["kimi_linear_mla_blocks_in_use"] > 0

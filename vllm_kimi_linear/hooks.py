@@ -26,6 +26,11 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
         dims = validate_config(cfg, tp_size=vllm_config.parallel_config.tensor_parallel_size,
                                on_cpu=on_cpu)
         check_checkpoint(dims, mc.model)
+        if vllm_config.parallel_config.pipeline_parallel_size > 1 and dims.tie_word_embeddings:
+            raise ValueError("Kimi Linear config.json: tie_word_embeddings=true with "
+                             "--pipeline-parallel-size > 1: the embedding (first stage) and lm_head "
+                             "(last stage) cannot share one tensor; serve without pipeline parallelism "
+                             "or with an untied checkpoint")
         if not dims.kda_layers:
             # Every layer MLA (the all-MLA baseline): say so the way vLLM reads it for hybrid
             # classes whose config has no non-attention layer (ModelConfig.is_hybrid's

@@ -9,11 +9,13 @@ wrong shape (checked against config.json before vLLM's loaders see the tensor).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 
 import torch
 from torch import nn
 
 from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import fused_moe_make_expert_params_mapping
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -21,7 +23,10 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsPP
+from vllm.model_executor.models.utils import (PPMissingLayer, is_pp_missing_parameter,
+                                              make_empty_intermediate_tensors_factory, make_layers)
+from vllm.sequence import IntermediateTensors
 
 from .checkpoint import check_all_present, check_tensor
 from .config import KimiLinearDims, model_dims
@@ -59,24 +64,39 @@ class KimiDecoderLayer(nn.Module):
 
 
 class KimiLinearModel(nn.Module):
+    """The decoder stack; with pipeline parallelism this rank builds only its stage's layers
+    (vLLM's `make_layers`; the rest are PPMissingLayer), the embedding on the first stage and the
+    final norm on the last, and hands (hidden_states, residual) to the next stage."""
+
     def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str = "model"):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(dims.vocab_size, dims.hidden_size,
-                                                   prefix=f"{prefix}.embed_tokens")
-        self.layers = nn.ModuleList(KimiDecoderLayer(vllm_config, dims, i, f"{prefix}.layers.{i}")
-                                    for i in range(dims.num_layers))
-        self.norm = RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
+        pp = get_pp_group()
+        self.embed_tokens = (VocabParallelEmbedding(dims.vocab_size, dims.hidden_size,
+                                                    prefix=f"{prefix}.embed_tokens")
+                             if pp.is_first_rank else PPMissingLayer())
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            dims.num_layers, lambda prefix: KimiDecoderLayer(vllm_config, dims, int(prefix.rsplit(".", 1)[1]),
+                                                             prefix), prefix=f"{prefix}.layers")
+        self.norm = RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], dims.hidden_size)
 
-    def forward(self, input_ids, positions, inputs_embeds=None):
-        h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        pp = get_pp_group()
+        if pp.is_first_rank:
+            h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+            residual = None
+        else:
+            h, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
             h, residual = layer(positions, h, residual)
+        if not pp.is_last_rank:
+            return IntermediateTensors({"hidden_states": h, "residual": residual})
         h, _ = self.norm(h, residual)
         return h
 
 
-class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
+class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
     # our merged module -> the checkpoint modules it holds, in shard order
     packed_modules = {"gate_up_proj": ["gate_proj", "up_proj"], **KimiDeltaAttention.packed_modules}
     # (our name piece, checkpoint name piece, shard id)
@@ -100,16 +120,20 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
         d = self.dims = model_dims(vllm_config).check_servable(
             vllm_config.parallel_config.tensor_parallel_size, on_cpu=current_platform.is_cpu())
         self.model = KimiLinearModel(vllm_config, d, prefix="model")
-        self.lm_head = ParallelLMHead(d.vocab_size, d.hidden_size, prefix="lm_head")
-        if d.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(d.vocab_size, d.hidden_size, prefix="lm_head")
+            if d.tie_word_embeddings:  # (with PP > 1 the hook refuses tied embeddings)
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(d.vocab_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        return self.model(input_ids, positions, inputs_embeds)
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.logits_processor(self.lm_head, hidden_states)
@@ -144,7 +168,9 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
                 mtp += name.startswith("model.layers.") and int(name.split(".")[2]) >= self.dims.num_layers
                 continue
             seen.add(name)
-            loaded.add(self._load_one(params, experts, name, w))
+            target = self._load_one(params, experts, name, w)
+            if target is not None:
+                loaded.add(target)
         check_all_present(expected, seen)
         if mtp:
             logger.info("Kimi Linear: skipped %d tensors of the checkpoint's %d multi-token-prediction "
@@ -152,7 +178,11 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid):
                         self.dims.mtp_layers)
         return loaded
 
-    def _load_one(self, params, experts, name: str, w: torch.Tensor) -> str:
+    def _load_one(self, params, experts, name: str, w: torch.Tensor) -> str | None:
+        """Load one checkpoint tensor; the parameter it went to, or None when that parameter
+        belongs to another pipeline stage."""
+        if is_pp_missing_parameter(name, self):
+            return None
         for ours, ckpt, shard in self.stacked_params:
             target = name.replace(ckpt, ours)
             if ckpt in name and target in params:  # (an MLA layer's q_proj is its own)

@@ -1,4 +1,4 @@
-"""CPUModelRunner, every model on CPU (two plain bug fixes).
+"""CPUModelRunner, every model on CPU (three plain bug fixes).
 
 1. _zero_block_ids: with Mamba-type layers present vLLM zeroes every newly allocated attention
    block. CPUModelRunner does `kv[block_id].zero_()` with the *manager* block id, but once blocks
@@ -12,6 +12,11 @@
    killed the engine). We save those generators' states before sampling and put them back after,
    which is the same rewind, so a seeded request's tokens do not depend on how its prompt was
    chunked.
+3. initialize_kv_cache, pipeline parallelism: a later stage receives the previous stage's
+   hidden states into `intermediate_tensors`, which the GPU runner allocates in its warm-up
+   dummy run; the CPU runner warms up only when it compiles, so with compilation off (vLLM's
+   mode for this architecture, or --enforce-eager) the first step of a later stage died on
+   `assert self.intermediate_tensors is not None`. We allocate them with the KV cache.
 """
 from __future__ import annotations
 
@@ -73,6 +78,23 @@ def rewind_generators_by_state(runner_cls) -> None:
     runner_cls._sample, runner_cls._bookkeeping_sync = _sample, _bookkeeping_sync
 
 
+def allocate_intermediate_tensors(runner_cls) -> None:
+    original = runner_cls.initialize_kv_cache
+    if getattr(original, "_kimi_linear_wrapped", False):
+        return
+
+    def initialize_kv_cache(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        from vllm.distributed import get_pp_group
+        if not get_pp_group().is_first_rank and self.intermediate_tensors is None:
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device)
+        return out
+
+    initialize_kv_cache._kimi_linear_wrapped = True
+    runner_cls.initialize_kv_cache = initialize_kv_cache
+
+
 def install() -> None:
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
@@ -80,3 +102,4 @@ def install() -> None:
     written_for(__name__)
     CPUModelRunner._zero_block_ids = zero_block_ids_in_kernel_blocks
     rewind_generators_by_state(CPUModelRunner)
+    allocate_intermediate_tensors(CPUModelRunner)

@@ -1,0 +1,48 @@
+"""Pipeline parallelism on CPU: TP 1 x PP 2 (the tiny model's 4 layers split 2 + 2, a KDA stage
+and a KDA + MLA stage), chunked prefill in chunks of 100 and prefix caching on: greedy tokens and
+prompt log-probabilities equal the independent reference, a prompt in chunks equals one piece,
+and a repeated prompt hits the prefix cache with the same tokens. One engine for the module."""
+from __future__ import annotations
+
+import pytest
+
+from tests.engine_util import check_long_prompt, chunked_llm, greedy, prompt, vllm_prompt_logprobs
+from tests.reference import kimi_linear_ref as ref
+
+PP = 2
+CHUNK = 100
+MAX_LEN = 4096
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    with chunked_llm(tiny_model_dir, CHUNK, MAX_LEN, pipeline_parallel_size=PP,
+                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as engine:
+        yield engine
+
+
+def test_the_model_is_split_in_two_stages(llm):
+    pc = llm.llm_engine.vllm_config.parallel_config
+    assert (pc.pipeline_parallel_size, pc.tensor_parallel_size) == (PP, 1)
+
+
+def test_pp2_greedy_and_logprobs_equal_the_reference(llm, reference_model):
+    prompts = [prompt(n, salt=40 + i) for i, n in enumerate((4, 33, 150, 410))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(16, prompt_logprobs=0),
+                        use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert list(o.outputs[0].token_ids) == ref.greedy_generate(reference_model, p, 16), len(p)
+        err = (vllm_prompt_logprobs(o, p) - ref.prompt_logprobs(reference_model, p)).abs().max()
+        assert err.item() < 1e-3, len(p)
+
+
+def test_long_prompt_in_chunks_of_100_equals_one_piece(llm, long_prompt_expected):
+    check_long_prompt(llm, long_prompt_expected)
+
+
+def test_prefix_hit_gives_the_tokens_of_no_cache(llm, reference_model):
+    p = prompt(700, salt=77)
+    runs = [llm.generate([{"prompt_token_ids": p}], greedy(8), use_tqdm=False)[0] for _ in range(3)]
+    want = ref.greedy_generate(reference_model, p, 8)
+    assert [list(r.outputs[0].token_ids) for r in runs] == [want] * 3
+    assert runs[-1].num_cached_tokens > 0
