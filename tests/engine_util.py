@@ -75,6 +75,20 @@ def chunked_llm(model_dir, chunk: int, max_len: int, **engine_kw):
     return kimi_llm(model_dir, **(kw | engine_kw))
 
 
+def check_greedy_and_logprobs(llm, reference_model, salt: int, lengths=(4, 33, 150, 410),
+                              new_tokens: int = 16, tol: float = 1e-3) -> None:
+    """Prompts of `lengths` tokens in one batch: greedy tokens equal the reference's, and every
+    prompt log-probability is within `tol` of it."""
+    from tests.reference import kimi_linear_ref as ref
+    prompts = [prompt(n, salt=salt + i) for i, n in enumerate(lengths)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(new_tokens, prompt_logprobs=0),
+                        use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert list(o.outputs[0].token_ids) == ref.greedy_generate(reference_model, p, new_tokens), len(p)
+        err = (vllm_prompt_logprobs(o, p) - ref.prompt_logprobs(reference_model, p)).abs().max()
+        assert err.item() < tol, len(p)
+
+
 def state(llm) -> dict:
     return llm.llm_engine.engine_core.call_utility("kimi_linear_state")
 

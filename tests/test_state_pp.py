@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine_util import check_long_prompt, chunked_llm, greedy, prompt, vllm_prompt_logprobs
+from tests.engine_util import check_greedy_and_logprobs, check_long_prompt, chunked_llm, greedy, prompt
 from tests.reference import kimi_linear_ref as ref
 
 PP = 2
@@ -27,13 +27,7 @@ def test_the_model_is_split_in_two_stages(llm):
 
 
 def test_pp2_greedy_and_logprobs_equal_the_reference(llm, reference_model):
-    prompts = [prompt(n, salt=40 + i) for i, n in enumerate((4, 33, 150, 410))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(16, prompt_logprobs=0),
-                        use_tqdm=False)
-    for p, o in zip(prompts, outs):
-        assert list(o.outputs[0].token_ids) == ref.greedy_generate(reference_model, p, 16), len(p)
-        err = (vllm_prompt_logprobs(o, p) - ref.prompt_logprobs(reference_model, p)).abs().max()
-        assert err.item() < 1e-3, len(p)
+    check_greedy_and_logprobs(llm, reference_model, salt=40)
 
 
 def test_long_prompt_in_chunks_of_100_equals_one_piece(llm, long_prompt_expected):

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.engine_util import (assert_nothing_held, check_long_prompt, greedy, kimi_llm, prompt,
-                               shard_report, state, vllm_prompt_logprobs)
+from tests.engine_util import (assert_nothing_held, check_greedy_and_logprobs, check_long_prompt,
+                               greedy, kimi_llm, prompt, shard_report, state)
 from tests.reference import kimi_linear_ref as ref
 from vllm_kimi_linear.tools import planner
 
@@ -71,13 +71,7 @@ def test_layout_halves_the_kda_state_per_rank(llm, tiny_model_dir):
 
 
 def test_tp2_greedy_and_logprobs_equal_the_reference(llm, reference_model):
-    prompts = [prompt(n, salt=30 + i) for i, n in enumerate((4, 33, 150, 410))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(16, prompt_logprobs=0),
-                        use_tqdm=False)
-    for p, o in zip(prompts, outs):
-        assert list(o.outputs[0].token_ids) == ref.greedy_generate(reference_model, p, 16), len(p)
-        err = (vllm_prompt_logprobs(o, p) - ref.prompt_logprobs(reference_model, p)).abs().max()
-        assert err.item() < 1e-3, len(p)
+    check_greedy_and_logprobs(llm, reference_model, salt=30)
 
 
 def test_long_prompt_in_chunks_of_100_equals_one_piece(llm, long_prompt_expected):
