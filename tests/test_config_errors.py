@@ -299,3 +299,12 @@ def test_cuda_refuses_float32_and_mla_dims_no_prefill_kernel_takes():
     with pytest.raises(ValueError, match=r"takes qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64 .*"
                                          r"--qk-nope 128 --qk-rope 64 --v-head 128"):
         check_cuda_mla(torch.bfloat16, _mla(nope=64, v=64), Hopper)
+
+
+def test_micro_batching_is_refused_at_config_time():
+    """DBO hands the layers per-micro-batch metadata lists the KDA layer does not read: refused
+    before any worker, never silently skipped."""
+    from vllm_kimi_linear.hooks import KimiLinearConfigHook
+    cfg = SimpleNamespace(speculative_config=None, parallel_config=SimpleNamespace(use_ubatching=True))
+    with pytest.raises(ValueError, match="does not support micro-batching yet: serve without --enable-dbo"):
+        KimiLinearConfigHook.verify_and_update_config(cfg)

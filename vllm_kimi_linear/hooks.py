@@ -20,6 +20,10 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
             # would ignore): refuse here rather than serve wrong tokens.
             raise ValueError("Kimi Linear (vllm-kimi-linear) does not support speculative decoding "
                              "yet: serve without --speculative-config")
+        if getattr(vllm_config.parallel_config, "use_ubatching", False):
+            # list-shaped (per micro-batch) metadata would reach a layer that reads one batch
+            raise ValueError("Kimi Linear (vllm-kimi-linear) does not support micro-batching yet: "
+                             "serve without --enable-dbo / --ubatch-size")
         mc = vllm_config.model_config
         on_cpu = current_platform.is_cpu()
         cfg = raw_config(mc.hf_config, mc.model)
