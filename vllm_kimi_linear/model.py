@@ -184,8 +184,10 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
         if is_pp_missing_parameter(name, self):
             return None
         for ours, ckpt, shard in self.stacked_params:
+            if ckpt not in name:
+                continue
             target = name.replace(ckpt, ours)
-            if ckpt in name and target in params:  # (an MLA layer's q_proj is its own)
+            if target in params:  # (an MLA layer's q_proj is its own)
                 params[target].weight_loader(params[target], w, shard)
                 return target
         for ours, ckpt, expert_id, shard in experts:

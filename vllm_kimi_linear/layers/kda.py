@@ -24,14 +24,15 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.third_party.flash_linear_attention.ops.kda import FusedRMSNormGated
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-from ..config import KimiLinearDims, model_dims
+from ..config import KDADims, KimiLinearDims, model_dims
 from ..ops import causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda
 
 
-def kda_state_shape(vllm_config: VllmConfig):
+def kda_state_shape(vllm_config: VllmConfig, kda: KDADims | None = None):
     """(conv state shape, recurrent state shape) per slot; the model classmethod uses it too,
-    so the layer's pages and vLLM's block-size alignment always agree."""
-    kda = model_dims(vllm_config).kda
+    so the layer's pages and vLLM's block-size alignment always agree. `kda`: the dimensions,
+    when the caller has them (else read from the model's config)."""
+    kda = kda or model_dims(vllm_config).kda
     return MambaStateShapeCalculator.kda_state_shape(
         vllm_config.parallel_config.tensor_parallel_size, kda.num_heads, kda.head_dim,
         conv_kernel_size=kda.short_conv_kernel_size)
@@ -110,11 +111,11 @@ class KimiDeltaAttention(nn.Module, MambaBase):
     def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
-        self.vllm_config, self.prefix = vllm_config, prefix
+        self.vllm_config, self.prefix, self.dims = vllm_config, prefix, dims.kda
         hid, H, D, K = dims.hidden_size, dims.kda.num_heads, dims.kda.head_dim, dims.kda.short_conv_kernel_size
         self.heads, self.head_dim = H // tp, D
         HD = self.heads * D
-        self.split = [HD, HD, HD, self.heads, D, D]  # this rank's q, k, v, b, f_a, g_a columns
+        self.split = [3 * HD, self.heads, D, D]  # this rank's q|k|v (the conv's input), b, f_a, g_a
         self.in_proj = MergedInputProjection(hid, [H * D] * 3 + [H], [D, D], tp, f"{prefix}.in_proj")
         self.qkv_conv1d = ConvWeight(H * D, K, vllm_config.model_config.dtype)
         self.f_b_proj = ColumnParallelLinear(D, H * D, bias=False, prefix=f"{prefix}.f_b_proj")
@@ -144,7 +145,7 @@ class KimiDeltaAttention(nn.Module, MambaBase):
         return MambaAttentionBackendEnum.GDN_ATTN
 
     def get_state_shape(self):
-        return kda_state_shape(self.vllm_config)
+        return kda_state_shape(self.vllm_config, self.dims)
 
     def get_state_dtype(self):
         return kda_state_dtype(self.vllm_config)
@@ -157,8 +158,7 @@ class KimiDeltaAttention(nn.Module, MambaBase):
     # ---- forward
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         T, H, D = hidden_states.shape[0], self.heads, self.head_dim
-        q, k, v, b, f_a, g_a = self.in_proj(hidden_states)[0].split(self.split, dim=-1)
-        qkv = torch.cat([q, k, v], dim=-1)  # the conv's input, in the model dtype
+        qkv, b, f_a, g_a = self.in_proj(hidden_states)[0].split(self.split, dim=-1)
         # shaped [T, H, D] explicitly: the gate would misread a flat [T, H*D] when T == H
         f = self.f_b_proj(f_a)[0].view(T, H, D)  # raw: the gate is applied inside the kernels
         core = torch.zeros(T, H, D, dtype=hidden_states.dtype, device=hidden_states.device)

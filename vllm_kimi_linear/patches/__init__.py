@@ -39,6 +39,13 @@ CPU_ONLY = ("cpu_platform", "cpu_mla_backend", "cpu_model_runner", "mamba_utils"
 _warned: set[str] = set()
 
 
+def is_kimi_linear(vllm_config) -> bool:
+    """Whether a VllmConfig serves Kimi Linear: the scope of the changes that are not bug fixes."""
+    from .. import ARCH
+    mc = vllm_config.model_config
+    return mc is not None and ARCH in (getattr(mc, "architectures", None) or [])
+
+
 def written_for(module: str, version: str | None = None) -> bool:
     """True when the running vLLM is the release `module` was written for; else warns once."""
     if version is None:

@@ -13,12 +13,7 @@ the MLA backend.
 """
 from __future__ import annotations
 
-from .. import ARCH
-
-
-def _is_kimi_linear(vllm_config) -> bool:
-    mc = vllm_config.model_config
-    return mc is not None and ARCH in (getattr(mc, "architectures", None) or [])
+from . import is_kimi_linear
 
 
 def adapt_cpu_config(platform_cls) -> None:
@@ -29,7 +24,7 @@ def adapt_cpu_config(platform_cls) -> None:
         return
 
     def check_and_update_config(cls, vllm_config) -> None:
-        if not _is_kimi_linear(vllm_config):
+        if not is_kimi_linear(vllm_config):
             return original(cls, vllm_config)
         choose_mla_backend(vllm_config)
         sc, cc = vllm_config.scheduler_config, vllm_config.cache_config

@@ -7,15 +7,10 @@ route reads it).
 from __future__ import annotations
 
 
-def _is_kimi_linear(vllm_config) -> bool:
-    from .. import ARCH
-    return ARCH in (vllm_config.model_config.architectures or [])
-
-
 def install() -> None:
     from vllm.v1.engine.core import EngineCore
 
-    from . import written_for
+    from . import is_kimi_linear, written_for
     written_for(__name__)
     if getattr(EngineCore, "kimi_linear_state", None) is not None:
         return
@@ -29,7 +24,7 @@ def install() -> None:
 
     def _initialize_kv_caches(self, vllm_config):
         kv_cache_config = original_init_kv(self, vllm_config)
-        if _is_kimi_linear(vllm_config):
+        if is_kimi_linear(vllm_config):
             try:
                 self._kimi_layout = describe_layout(vllm_config, kv_cache_config)
                 log.info(self._kimi_layout.summary())
@@ -42,7 +37,7 @@ def install() -> None:
     def _initialize_effective_attention_block_size(self, *args, **kwargs):
         out = original_after_scheduler(self, *args, **kwargs)
         kvm = getattr(getattr(self, "scheduler", None), "kv_cache_manager", None)
-        if kvm is not None and _is_kimi_linear(self.vllm_config):
+        if kvm is not None and is_kimi_linear(self.vllm_config):
             keep_prefix_totals(kvm)
         return out
 
