@@ -45,7 +45,7 @@ import triton
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 from kimi_kda.kda import chunk_kda, kda_gate
-from kimi_kda.kda.args import chunk_layout_host
+from kimi_kda.kda.triton_chunk import device_chunk_layout
 
 FUSED = dict(use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_qk_l2norm_in_kernel=True)
 
@@ -80,10 +80,8 @@ def layer_inputs(lens, H, K, V, device, seed=0):
     A_log = torch.empty(H, device=device).uniform_(1, 16, generator=gen).log()
     dt_bias = r(H * K) - 2
     h0 = r(N, H, K, V)
-    cu_host = [0] + torch.tensor(lens).cumsum(0).tolist()
-    cu = torch.tensor(cu_host, dtype=torch.int32, device=device)
-    layout = tuple(torch.tensor(x, dtype=torch.int32, device=device)
-                   for x in chunk_layout_host(list(zip(cu_host[:-1], cu_host[1:]))))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    layout = device_chunk_layout(1, T, cu, device)  # built ahead, as vLLM's metadata builder does
     # fla caches its chunk index per cu_seqlens tensor: one long copy, made once, as a caller would keep
     return dict(q=q, k=k, v=v, f=f, b=b, A_log=A_log, dt_bias=dt_bias, h0=h0, cu=cu, cu_long=cu.long(),
                 layout=layout, backend="triton" if device == "cpu" else None)
@@ -95,20 +93,19 @@ def ours(x):
                      backend=x["backend"], **FUSED)
 
 
-def unfused(x):
+def pregated(x, qkv_dtype=None):
+    """The gate and sigmoid first, in torch; q/k/v cast to `qkv_dtype` (the layer's old call
+    cast them to float32: `unfused`)."""
     g = kda_gate(x["f"], x["A_log"], x["dt_bias"])
     beta = torch.sigmoid(x["b"].float())
-    return chunk_kda(x["q"].float(), x["k"].float(), x["v"].float(), g, beta, initial_state=x["h0"],
-                     output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=x["cu"],
-                     chunk_layout=x["layout"], backend=x["backend"])
-
-
-def pregated(x):
-    g = kda_gate(x["f"], x["A_log"], x["dt_bias"])
-    beta = torch.sigmoid(x["b"].float())
-    return chunk_kda(x["q"], x["k"], x["v"], g, beta, initial_state=x["h0"], output_final_state=True,
+    q, k, v = (x[n] if qkv_dtype is None else x[n].to(qkv_dtype) for n in "qkv")
+    return chunk_kda(q, k, v, g, beta, initial_state=x["h0"], output_final_state=True,
                      use_qk_l2norm_in_kernel=True, cu_seqlens=x["cu"], chunk_layout=x["layout"],
                      backend=x["backend"])
+
+
+def unfused(x):
+    return pregated(x, torch.float32)
 
 
 def fla(x):
@@ -178,9 +175,8 @@ def run_shape(name, lens, H, args, device):
     rep = 200 if row["T"] * H <= (1 << 20) else 1000
     for col, fn in fns.items():
         row[f"{col}_ms"] = time_ms(lambda: fn(x), args.cpu_dry_run, rep)
-    row["ours_over_fla"] = row["ours_ms"] / row["fla_ms"]
-    row["unfused_over_fla"] = row["unfused_ms"] / row["fla_ms"]
-    row["pregated_over_fla"] = row["pregated_ms"] / row["fla_ms"]
+    for col in ("ours", "unfused", "pregated"):
+        row[f"{col}_over_fla"] = row[f"{col}_ms"] / row["fla_ms"]
     if args.profile and not args.cpu_dry_run:
         row["kernels_ms"] = {col: kernel_times(lambda: fn(x)) for col, fn in fns.items()}
     return row

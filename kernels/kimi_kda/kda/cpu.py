@@ -121,7 +121,7 @@ def chunk_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
         raise ValueError(f"chunk_size must be 16, 64 or 256, got {chunk_size}")
     out_dtype = v.dtype
     q, k, v, g, beta = _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel,
-                                       A_log if use_gate_in_kernel else None, dt_bias,
+                                       A_log, dt_bias,
                                        use_beta_sigmoid_in_kernel)
     dt = q.dtype
 
@@ -201,7 +201,7 @@ def fused_recurrent_kda_torch(q, k, v, g, beta, scale=None, initial_state=None, 
                                       A_log=A_log, dt_bias=dt_bias, use_gate_in_kernel=use_gate_in_kernel)
     out_dtype = v.dtype
     q, k, v, g, beta = _flatten_inputs(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel,
-                                       A_log if use_gate_in_kernel else None, dt_bias,
+                                       A_log, dt_bias,
                                        use_beta_sigmoid_in_kernel)
     dt = q.dtype
     bounds = seq_bounds(B, T, cu_seqlens)

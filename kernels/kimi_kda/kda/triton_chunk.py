@@ -512,14 +512,17 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     strides = dict(sq=q.stride(0), sk=k.stride(0))
     pre = dict(BETA_SIGMOID=use_beta_sigmoid_in_kernel, QK_NORM=use_qk_l2norm_in_kernel)
     gc = torch.empty(total, H, K, **f32)
-    a_log = A_log.reshape(-1).contiguous() if use_gate_in_kernel else gc
-    bias = dt_bias.reshape(-1).contiguous() if use_gate_in_kernel and dt_bias is not None else gc
+    # what a launch is given for a pointer its flags leave unread: not a live buffer, which would
+    # stay allocated as long as the name does (check_kda_args refuses dt_bias without the gate)
+    unread = torch.empty(1, **f32)
+    a_log = A_log.reshape(-1).contiguous() if use_gate_in_kernel else unread
+    bias = dt_bias.reshape(-1).contiguous() if dt_bias is not None else unread
     cbk = min(BK, cfg["cumsum_bk"])
     _cumsum_kernel[(NC, H, triton.cdiv(K, cbk))](
         g, gc, a_log, bias, starts, ends, H=H, K=K, BT=BT, BK=cbk, GATE=use_gate_in_kernel,
         HAS_BIAS=dt_bias is not None, num_warps=cfg["cumsum_warps"], **lay)
     # 1/|q|, 1/|k| per token and head, written by the diagonal kernel (placeholders without l2norm)
-    rq, rk = (torch.empty(total, H, **f32) for _ in range(2)) if use_qk_l2norm_in_kernel else (gc, gc)
+    rq, rk = (torch.empty(total, H, **f32) for _ in range(2)) if use_qk_l2norm_in_kernel else (unread, unread)
     Aqk = torch.empty(total, H, BT, **lo)      # row t: its chunk's Aqk[t, :], s <= t only written
     Akkd = torch.empty(total, H, BC, **f32)    # row t: beta*Akk[t, s] of its 16-block, s < t written
     _diag_kernel[(NC * BT, triton.cdiv(H, cfg["diag_bh"]))](

@@ -98,7 +98,7 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
         initial_state = initial_state.contiguous()
     o = torch.empty_like(v)
     a_log = A_log.reshape(-1).contiguous() if use_gate_in_kernel else g   # (g: an unread stand-in)
-    bias = dt_bias.reshape(-1).contiguous() if use_gate_in_kernel and dt_bias is not None else g
+    bias = dt_bias.reshape(-1).contiguous() if dt_bias is not None else g
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if (output_final_state and not use_pool) else None
     BK = triton.next_power_of_2(K)
     # measured on an H200 (kernels/RESULTS.md): BV=64 with 2 warps reads+writes the pool fastest
