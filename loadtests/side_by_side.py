@@ -1,6 +1,7 @@
 """This plugin against vLLM's in-tree Kimi Linear on one GPU: the same server flags, the same rows.
 
-    # on the GPU machine, once per implementation (the plugin installed for `plugin` only):
+    # on the GPU machine, once per implementation (the plugin's entry point installed for
+    # `plugin` only; the script itself runs from a checkout either way):
     python -m loadtests.side_by_side run --impl plugin --out DIR
     python -m loadtests.side_by_side run --impl intree --out DIR
     python -m loadtests.side_by_side report DIR        # the ratio table (markdown) + DIR/ratios.json
@@ -10,14 +11,14 @@ Serves Kimi-Linear-48B-A3B's published config with `--load-format dummy` (the bu
 defaults (CUDA graphs, async scheduling, chunked prefill, prefix caching), and measures each row
 with vLLM's own `vllm bench serve` (random prompts of an exact token count, `--ignore-eos`):
 prefill throughput at 8K/32K/128K prompts (one request at a time, 1 output token), and decode at
-a 32K context with 1, 16 and 64 concurrent requests (output tokens/s, TPOT). One warm-up round
-first, so no row pays for kernel compilation. Every `vllm bench serve` JSON is kept in DIR.
+a 32K context with 1, 16 and 64 concurrent requests (median TPOT). One warm-up round first, so no
+row pays for kernel compilation; the prefix cache is reset before every row and each row draws
+its own prompts. Every `vllm bench serve` JSON is kept in DIR.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,36 +28,34 @@ ROWS = {  # name: (input tokens, output tokens, prompts, concurrency, the row's 
     "prefill-8k": (8192, 1, 8, 1, "input_throughput"),
     "prefill-32k": (32768, 1, 4, 1, "input_throughput"),
     "prefill-128k": (131072, 1, 2, 1, "input_throughput"),
-    "decode-32k-c1": (32768, 128, 1, 1, "output_throughput"),
-    "decode-32k-c16": (32768, 128, 16, 16, "output_throughput"),
-    "decode-32k-c64": (32768, 128, 64, 64, "output_throughput"),
+    "decode-32k-c1": (32768, 128, 1, 1, "median_tpot_ms"),
+    "decode-32k-c16": (32768, 128, 16, 16, "median_tpot_ms"),
+    "decode-32k-c64": (32768, 128, 64, 64, "median_tpot_ms"),
 }
-WARMUP = (8192, 32, 8, 8, "output_throughput")  # compiles what the rows run, costs little
+HIGHER_IS_BETTER = {"input_throughput": True, "median_tpot_ms": False}
+WARMUP = (8192, 32, 8, 8, "median_tpot_ms")  # compiles what the rows run, costs little
 SERVE_ARGS = ["--load-format", "dummy", "--max-model-len", "140000", "--gpu-memory-utilization", "0.92"]
 SERVED = "kimi-linear-48b-dummy"
+KEEP = ("input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms",
+        "median_tpot_ms", "p99_tpot_ms", "completed", "failed", "total_input_tokens", "duration", "wall_s")
 
 
-def impl_env(impl: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if impl == "intree":
-        env["VLLM_PLUGINS"] = ""  # no general plugin: vLLM's own Kimi Linear serves
-        # the in-tree model imports a CUTLASS-DSL GEMM at start-up unless these are off
-        env.setdefault("VLLM_KIMI_K3_GEMM_AR", "0")
-        env.setdefault("VLLM_ENABLE_GEMM_RS", "0")
-    else:
-        env["VLLM_PLUGINS"] = "kimi_linear"
-    return env
+def bench(base: str, model_dir: Path, row: str, out: Path, impl: str, env: dict, seed: int,
+          scale: float = 1.0) -> dict:
+    """One `vllm bench serve` row on a cold prefix cache: random prompts of one seed share their
+    first tokens with the other rows' (vLLM's random dataset draws each prompt's start token
+    first), so the cache is reset (a dev route) and each row draws from its own seed."""
+    import requests
 
-
-def bench(base: str, model_dir: Path, row: str, out: Path, impl: str, env: dict, scale: float = 1.0) -> dict:
     inp, outp, n, conc, _ = ROWS.get(row, WARMUP)
     inp = max(16, int(inp * scale))
+    requests.post(base + "/reset_prefix_cache", timeout=60).raise_for_status()
     name = f"{impl}-{row}.json"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
            "--base-url", base, "--model", SERVED, "--tokenizer", str(model_dir),
            "--dataset-name", "random", "--random-input-len", str(inp), "--random-output-len", str(outp),
            "--random-range-ratio", "0", "--num-prompts", str(n), "--max-concurrency", str(conc),
-           "--ignore-eos", "--seed", "0", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
+           "--ignore-eos", "--seed", str(seed), "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
            "--save-result", "--result-dir", str(out), "--result-filename", name]
     t0 = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -64,6 +63,9 @@ def bench(base: str, model_dir: Path, row: str, out: Path, impl: str, env: dict,
     if r.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed for {impl} {row}: {r.stderr[-2000:]}")
     res = json.loads((out / name).read_text())
+    if res.get("completed") != n:
+        raise RuntimeError(f"{impl} {row}: {res.get('completed')} of {n} requests completed "
+                           f"({res.get('failed')} failed): see {out / f'{impl}-{row}.log'}")
     res["wall_s"] = round(time.time() - t0, 1)
     res["input_throughput"] = res["total_input_tokens"] / res["duration"]  # prompt tokens/s
     return res
@@ -71,50 +73,50 @@ def bench(base: str, model_dir: Path, row: str, out: Path, impl: str, env: dict,
 
 def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, scale: float = 1.0,
         serve_args: list[str] = SERVE_ARGS) -> None:
-    """`model_dir`/`scale`/`serve_args` other than the defaults: plumbing checks on a CPU only."""
-    import requests
-
+    """`model_dir`/`scale`/`serve_args` other than the defaults: plumbing checks on a CPU only.
+    Rows already in DIR/summary-IMPL.json are kept (a long list can be split over several runs)."""
     from vllm_kimi_linear.tools.builder import build_published_config
-    from vllm_kimi_linear.tools.harness import free_port, running_process
+    from vllm_kimi_linear.tools.harness import impl_env, scrape, vllm_serve
 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = model_dir or build_published_config(out / "published-config")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = impl_env(impl)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir), "--served-model-name",
-           SERVED, "--host", "127.0.0.1", "--port", str(port), *serve_args]
+    env = impl_env(impl, VLLM_SERVER_DEV_MODE="1")  # the dev routes: /reset_prefix_cache
+    path = out / f"summary-{impl}.json"
+    summary = json.loads(path.read_text()) if path.exists() else {"impl": impl, "rows": {}}
+    if summary.get("rows") and (summary.get("serve_args"), summary.get("scale")) != (serve_args, scale):
+        raise SystemExit(f"{path} holds rows served with other flags or scale: use another --out")
+    summary |= {"serve_args": serve_args, "scale": scale}
     t0 = time.time()
-    summary = {"impl": impl, "serve_args": serve_args, "scale": scale, "rows": {}}
-    with running_process(cmd, env, out / f"server-{impl}.log", timeout=540,
-                         ready=lambda: requests.get(base + "/v1/models", timeout=2).status_code == 200):
+    with vllm_serve(model_dir, SERVED, serve_args, env, out / f"server-{impl}.log", timeout=540) as base:
         summary["startup_s"] = round(time.time() - t0, 1)
+        # the plugin, and only the plugin, adds the kimi_linear_* gauges: which one really served
+        if ("kimi_linear_kda_slots_in_use" in scrape(base)) != (impl == "plugin"):
+            raise SystemExit(f"the server did not run the {impl} implementation (is the plugin "
+                             f"{'not ' if impl == 'plugin' else ''}installed?): see {out}/server-{impl}.log")
         print(f"{impl}: ready after {summary['startup_s']} s", flush=True)
-        warm = bench(base, model_dir, "warmup", out, impl, env, scale)
-        summary["warmup_wall_s"] = warm["wall_s"]
-        for row in rows:
-            res = bench(base, model_dir, row, out, impl, env, scale)
-            keep = ("input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
-                    "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "completed", "total_input_tokens",
-                    "duration", "wall_s")
-            summary["rows"][row] = {k: res.get(k) for k in keep}
+        summary["warmup_wall_s"] = bench(base, model_dir, "warmup", out, impl, env, seed=0, scale=scale)["wall_s"]
+        for seed, row in enumerate(rows, start=1):
+            res = bench(base, model_dir, row, out, impl, env, seed=seed, scale=scale)
+            summary["rows"][row] = {k: res.get(k) for k in KEEP}
             print(impl, row, summary["rows"][row], flush=True)
-            (out / f"summary-{impl}.json").write_text(json.dumps(summary, indent=1))
+            path.write_text(json.dumps(summary, indent=1))
 
 
 def report(out: Path) -> str:
+    """plugin / in-tree speed per row (> 1: the plugin is faster): prompt tokens/s for prefill,
+    1 / median TPOT for decode (output tokens/s would mostly time the 32K prefills)."""
     p, t = (json.loads((out / f"summary-{i}.json").read_text()) for i in ("plugin", "intree"))
-    lines = ["| row | figure | plugin | in-tree | plugin / in-tree | TPOT ms (plugin / in-tree) |",
-             "|---|---|---|---|---|---|"]
+    if (p.get("serve_args"), p.get("scale")) != (t.get("serve_args"), t.get("scale")):
+        raise SystemExit("the two summaries were served with other flags or scale: not comparable")
+    lines = ["| row | figure | plugin | in-tree | plugin / in-tree speed |", "|---|---|---|---|---|"]
     ratios = {}
     for row, (*_, figure) in ROWS.items():
-        if row not in p["rows"] or row not in t["rows"]:
+        a, b = (x["rows"].get(row, {}).get(figure) for x in (p, t))
+        if not a or not b:
+            lines.append(f"| {row} | {figure} | {a} | {b} | not measured |")
             continue
-        a, b = p["rows"][row][figure], t["rows"][row][figure]
-        ratios[row] = round(a / b, 3)
-        tpot = (f"{p['rows'][row]['median_tpot_ms']:.2f} / {t['rows'][row]['median_tpot_ms']:.2f}"
-                if figure == "output_throughput" else "-")
-        lines.append(f"| {row} | {figure} tok/s | {a:,.0f} | {b:,.0f} | **{ratios[row]:.2f}x** | {tpot} |")
+        ratios[row] = round(a / b if HIGHER_IS_BETTER[figure] else b / a, 3)
+        lines.append(f"| {row} | {figure} | {a:,.2f} | {b:,.2f} | **{ratios[row]:.2f}x** |")
     lines.append(f"\nstart-up: plugin {p.get('startup_s')} s, in-tree {t.get('startup_s')} s")
     (out / "ratios.json").write_text(json.dumps(ratios, indent=1))
     return "\n".join(lines)

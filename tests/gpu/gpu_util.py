@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import pytest
 import requests
 import torch
 
-from vllm_kimi_linear.tools.harness import free_port, running_process
+from vllm_kimi_linear.tools.harness import impl_env, vllm_serve
 
 IMPL = os.environ.get("KIMI_GPU_IMPL", "plugin")
 SERVED = "kimi-linear"
@@ -109,35 +108,15 @@ class Served:
         return self.log_path.read_text(errors="replace")
 
 
-def impl_env() -> dict:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    if IMPL == "intree":
-        env["VLLM_PLUGINS"] = ""  # load no general plugin: vLLM's own Kimi Linear serves
-        # vLLM's in-tree Kimi Linear imports a CUTLASS-DSL GEMM at start-up unless these are off
-        env.setdefault("VLLM_KIMI_K3_GEMM_AR", "0")
-        env.setdefault("VLLM_ENABLE_GEMM_RS", "0")
-    elif IMPL == "plugin":
-        env["VLLM_PLUGINS"] = "kimi_linear"  # the model, and the state route + gauges
-    else:
-        raise ValueError(f"KIMI_GPU_IMPL must be plugin or intree, got {IMPL!r}")
-    return env
-
-
 @contextmanager
 def serve(config: ServerConfig, workdir: Path, timeout: float = 600):
     from vllm_kimi_linear.tools.builder import LAYOUTS, build_tiny_checkpoint
     model_dir = build_tiny_checkpoint(workdir / f"{config.layout}-{config.dtype}", dtype=config.dtype,
                                       **{**LAYOUTS[config.layout], **GPU_MLA_DIMS})
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
-           "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), *config.args]
     log_path = RESULTS / f"server-{IMPL}-{config.name}.log"
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with running_process(cmd, impl_env(), log_path, timeout=timeout,
-                         ready=lambda: requests.get(base + "/v1/models", timeout=2).status_code == 200):
+    with vllm_serve(model_dir, SERVED, list(config.args), impl_env(IMPL), log_path, timeout) as base:
         served = Served(config, base, model_dir, log_path, time.time() - t0)
         record(config.name, "startup", seconds=round(served.startup_s, 1), args=list(config.args))
         yield served

@@ -115,6 +115,35 @@ def _answers(url: str) -> bool:
         return r.status == 200
 
 
+def impl_env(impl: str, **extra: str) -> dict:
+    """`server_env` for a `vllm serve` of Kimi Linear by `impl`: "plugin" (this package: the
+    model, the state route and gauges) or "intree" (no general plugin: vLLM's own class)."""
+    env = server_env(**extra)
+    if impl == "intree":
+        env["VLLM_PLUGINS"] = ""
+        # vLLM's in-tree Kimi Linear imports a CUTLASS-DSL GEMM at start-up unless these are off
+        env.setdefault("VLLM_KIMI_K3_GEMM_AR", "0")
+        env.setdefault("VLLM_ENABLE_GEMM_RS", "0")
+    elif impl == "plugin":
+        env["VLLM_PLUGINS"] = "kimi_linear"
+    else:
+        raise ValueError(f"the implementation must be 'plugin' or 'intree', got {impl!r}")
+    return env
+
+
+@contextmanager
+def vllm_serve(model_dir: Path, served_name: str, args: list[str], env: dict, log_path: Path,
+               timeout: float = 600) -> Iterator[str]:
+    """`vllm serve model_dir` on a free local port (this Python's vLLM); yields the base URL
+    (no /v1) once /v1/models answers."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
+           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), *args]
+    with running_process(cmd, env, log_path, ready=lambda: _answers(base + "/v1/models"), timeout=timeout):
+        yield base
+
+
 def _serve_script() -> str:
     if not SERVE.is_file():
         raise ServerStartError(f"{SERVE} is missing: serving the tiny model needs a checkout of "
@@ -170,7 +199,7 @@ def serve_tiny(work_dir: Path, *extra_args: str, api_key: str | None = None,
     env = server_env(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1",
                      **(extra_env or {}))
     cmd = [_serve_script(), "--served-model-name", SERVED_NAME,
-           "--max-model-len", str(max_model_len)]
+           "--max-model-len", str(max_model_len), *extra_args]
     if api_key:
         cmd += ["--api-key", api_key]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
