@@ -308,3 +308,19 @@ def test_micro_batching_is_refused_at_config_time():
     cfg = SimpleNamespace(speculative_config=None, parallel_config=SimpleNamespace(use_ubatching=True))
     with pytest.raises(ValueError, match="does not support micro-batching yet: serve without --enable-dbo"):
         KimiLinearConfigHook.verify_and_update_config(cfg)
+
+
+def test_tied_embeddings_with_pipeline_parallelism_are_refused(tiny, tmp_path):
+    """The embedding (first stage) and lm_head (last stage) cannot be one tensor: the hook says so."""
+    from vllm_kimi_linear.hooks import KimiLinearConfigHook
+    d = _copy(tiny, tmp_path / "tied")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": True}))
+    vc = SimpleNamespace(
+        speculative_config=None,
+        parallel_config=SimpleNamespace(use_ubatching=False, tensor_parallel_size=1, pipeline_parallel_size=2),
+        model_config=SimpleNamespace(model=str(d), hf_config=None, dtype=torch.float32))
+    with pytest.raises(ValueError, match="tie_word_embeddings=true with --pipeline-parallel-size > 1"):
+        KimiLinearConfigHook.verify_and_update_config(vc)
+    vc.parallel_config.pipeline_parallel_size = 1
+    KimiLinearConfigHook.verify_and_update_config(vc)  # without PP, tied embeddings serve

@@ -17,13 +17,24 @@ MAX_LEN = 4096
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
     with chunked_llm(tiny_model_dir, CHUNK, MAX_LEN, pipeline_parallel_size=PP,
-                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as engine:
+                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1",
+                          # collective_rpc(stage_layers) pickles a function
+                          "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}) as engine:
         yield engine
 
 
+def stage_layers(worker) -> list[str | None]:
+    """Run on every worker through collective_rpc: each layer's attention class, None where the
+    layer lives on another stage."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+    return [None if isinstance(layer, PPMissingLayer) else type(layer.self_attn).__name__
+            for layer in worker.model_runner.model.model.layers]
+
+
 def test_the_model_is_split_in_two_stages(llm):
-    pc = llm.llm_engine.vllm_config.parallel_config
-    assert (pc.pipeline_parallel_size, pc.tensor_parallel_size) == (PP, 1)
+    """Layers 0-1 (KDA) on the first stage, 2 (KDA) and 3 (MLA) on the second."""
+    kda, mla = "KimiDeltaAttention", "KimiMLAAttention"
+    assert llm.collective_rpc(stage_layers) == [[kda, kda, None, None], [None, None, kda, mla]]
 
 
 def test_pp2_greedy_and_logprobs_equal_the_reference(llm, reference_model):
