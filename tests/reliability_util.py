@@ -9,11 +9,11 @@ from vllm_kimi_linear.tools.harness import SERVED_NAME, serve_tiny
 
 
 def server_fixture(**serve_kwargs):
-    """A module-scoped `server` fixture: the tiny model behind the README's serve command
-    (`serve_tiny(**serve_kwargs)`), shared by the module's tests."""
+    """A module-scoped `server` fixture: the session's tiny model behind the README's serve
+    command (`serve_tiny(**serve_kwargs)`), shared by the module's tests."""
     @pytest.fixture(scope="module")
-    def server(tmp_path_factory):
-        with serve_tiny(tmp_path_factory.mktemp("server"), **serve_kwargs) as s:
+    def server(tmp_path_factory, tiny_model_dir):
+        with serve_tiny(tmp_path_factory.mktemp("server"), model_dir=tiny_model_dir, **serve_kwargs) as s:
             yield s
     return server
 

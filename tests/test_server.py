@@ -2,42 +2,29 @@
 with the `openai` package. One server for the module (start-up takes a minute or two on 2 cores)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import requests
 
-from vllm_kimi_linear.tools.harness import free_port, running_process, server_env
+from tests.reliability_util import server_fixture
+from vllm_kimi_linear.tools.harness import SERVED_NAME, scrape
 
 openai = pytest.importorskip("openai")
-ROOT = Path(__file__).resolve().parents[1]
-SERVED_NAME = "kimi-linear-tiny"
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Name three colours of the sea at dawn."}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from vllm_kimi_linear.tools.builder import build_tiny_checkpoint
-    model_dir = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
-    port = free_port()
-    env = server_env(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1")
-    base = f"http://127.0.0.1:{port}"
-    cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED_NAME, "--max-model-len", "2048"]
-    with running_process(cmd, env, tmp_path_factory.mktemp("log") / "server.log",
-                        ready=lambda: requests.get(f"{base}/v1/models", timeout=2).status_code == 200):
-        yield base, model_dir
+server = server_fixture()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused")
+    return openai.OpenAI(base_url=server.url("/v1"), api_key="unused")
 
 
 @pytest.fixture(scope="module")
 def tokenizer(server):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(server[1])
+    return AutoTokenizer.from_pretrained(server.model_dir)
 
 
 def test_models_route(client):
@@ -50,7 +37,7 @@ def test_chat_completion_matches_reference_and_counts_usage(client, tokenizer, s
     prompt_ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
                                                return_dict=False)
     assert r.usage.prompt_tokens == len(prompt_ids)
-    model = ref.load(server[1])
+    model = ref.load(server.model_dir)
     expect = ref.greedy_generate(model, prompt_ids, 24, eos_token_id=tokenizer.eos_token_id)
     assert r.usage.completion_tokens == len(expect)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
@@ -74,13 +61,11 @@ def test_streamed_equals_unstreamed(client):
 
 
 def _gauges(base: str) -> dict[str, float]:
-    text = requests.get(f"{base}/metrics", timeout=10).text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("kimi_linear_")}
+    return {k: v for k, v in scrape(base).items() if k.startswith("kimi_linear_")}
 
 
 def test_state_route_and_metrics_follow_the_requests(client, server):
-    base = server[0]
+    base = server.base
     s = requests.get(f"{base}/kimi-linear/state", timeout=10).json()
     layout = s["layout"]
     assert layout["block_size"] == 128 and layout["kda_state_cache_mode"] == "align"

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.engine_util import (assert_nothing_held, check_greedy_and_logprobs, check_long_prompt,
-                               greedy, kimi_llm, prompt, shard_report, state)
+                               chunked_llm, greedy, prompt, shard_report, state)
 from tests.reference import kimi_linear_ref as ref
 from vllm_kimi_linear.tools import planner
 
@@ -24,11 +24,11 @@ MAX_LEN = 4096
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    with kimi_llm(tiny_model_dir, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1",
-                                                  # collective_rpc(shard_report) pickles a function
-                                                  "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}, tensor_parallel_size=TP,
-                  max_model_len=MAX_LEN, max_num_seqs=4, enable_prefix_caching=False,
-                  enable_chunked_prefill=True, max_num_batched_tokens=CHUNK) as engine:
+    with chunked_llm(tiny_model_dir, CHUNK, MAX_LEN, tensor_parallel_size=TP, enable_prefix_caching=False,
+                     disable_log_stats=True,
+                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1",
+                          # collective_rpc(shard_report) pickles a function
+                          "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}) as engine:
         yield engine
 
 

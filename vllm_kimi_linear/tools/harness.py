@@ -185,15 +185,15 @@ class Server:
 @contextmanager
 def serve_tiny(work_dir: Path, *extra_args: str, api_key: str | None = None,
                max_model_len: int = MAX_MODEL_LEN, extra_env: dict | None = None,
-               timeout: float = 900) -> Iterator[Server]:
-    """Build the tiny checkpoint in `work_dir` and run `deploy/serve-cpu.sh` on it (with
-    `extra_env` added to its environment) until the block ends."""
+               timeout: float = 900, model_dir: Path | None = None) -> Iterator[Server]:
+    """Run `deploy/serve-cpu.sh` on `model_dir` (default: the tiny checkpoint, built in
+    `work_dir`), with `extra_env` added to its environment, until the block ends."""
     import requests
 
     from .builder import build_tiny_checkpoint
 
     work_dir = Path(work_dir)
-    model_dir = build_tiny_checkpoint(work_dir / "tiny")
+    model_dir = model_dir or build_tiny_checkpoint(work_dir / "tiny")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = server_env(KIMI_MODEL=str(model_dir), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="1",
