@@ -169,11 +169,12 @@ def test_dropped_streams_are_aborted_and_free_their_state(server, client, probe_
     async def all_drop():
         return await asyncio.gather(*(drop(i) for i in range(n_clients)), return_exceptions=True)
 
-    with GaugeWatch(server.base) as watch:
-        got = asyncio.run(all_drop())
+    got = asyncio.run(all_drop())
     errors = [g for g in got if isinstance(g, BaseException)]
     assert errors == [], errors[:3]
-    assert watch.max.get("vllm:num_requests_running", 0) > 0, watch.max
+    # every request was generating when its client left (a gauge sampled every 0.25 s can miss
+    # 50 requests that each live for three tokens on a fast machine; the streams cannot)
+    assert all(c >= 3 for c in got), got
 
     idle = wait_idle(server.base, timeout=60)
     assert idle.get("vllm:kv_cache_usage_perc") == 0.0, idle
