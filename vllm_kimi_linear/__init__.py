@@ -26,3 +26,21 @@ def register() -> None:
 
     from . import patches
     patches.install(on_cpu=current_platform.is_cpu())  # what and why: patches/__init__.py
+
+    _register_tokenizer()
+
+
+TOKENIZER_MODE = "kimi_linear"
+
+
+def _register_tokenizer() -> None:
+    """Tokenizer mode "kimi_linear": the published tiktoken tokenizer (tokenizer.py), rendered
+    by vLLM's HF renderer (Jinja chat template). The config hook picks it for kimi_linear
+    checkpoints that ship tiktoken.model."""
+    from vllm.renderers.registry import RENDERER_REGISTRY
+    from vllm.tokenizers.registry import TokenizerRegistry
+
+    if TOKENIZER_MODE not in TokenizerRegistry.tokenizers:  # register() runs more than once
+        TokenizerRegistry.register(TOKENIZER_MODE, "vllm_kimi_linear.tokenizer", "KimiLinearTokenizer")
+    if TOKENIZER_MODE not in RENDERER_REGISTRY.renderers:
+        RENDERER_REGISTRY.register(TOKENIZER_MODE, "vllm.renderers.hf", "HfRenderer")

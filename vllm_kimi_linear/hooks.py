@@ -12,6 +12,10 @@ from .config import raw_config, validate_config
 
 class KimiLinearConfigHook(VerifyAndUpdateConfig):
     @classmethod
+    def verify_and_update_model_config(cls, model_config) -> None:
+        pick_tokenizer_mode(model_config)
+
+    @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
         from vllm.platforms import current_platform
 
@@ -29,6 +33,7 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
         cfg = raw_config(mc.hf_config, mc.model)
         dims = validate_config(cfg, tp_size=vllm_config.parallel_config.tensor_parallel_size,
                                on_cpu=on_cpu)
+        check_published_files(cfg, mc)
         check_checkpoint(dims, mc.model)
         if vllm_config.parallel_config.pipeline_parallel_size > 1 and dims.tie_word_embeddings:
             raise ValueError("Kimi Linear config.json: tie_word_embeddings=true with "
@@ -45,3 +50,44 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
         if current_platform.is_cuda():
             from .cuda_checks import check_cuda_mla
             check_cuda_mla(mc.dtype, dims.mla, current_platform)
+
+
+def pick_tokenizer_mode(model_config) -> None:
+    """tokenizer_mode "auto" on a checkpoint that ships tiktoken.model and no tokenizer.json (the
+    published layout) -> "kimi_linear", the published algorithm (tokenizer.py), with or without
+    --trust-remote-code. Runs as the ModelConfig is built, before any process loads a tokenizer;
+    an explicit --tokenizer-mode is kept."""
+    from pathlib import Path
+
+    from vllm.logger import init_logger
+
+    from . import TOKENIZER_MODE
+    from .tokenizer import VOCAB_FILE
+
+    d = Path(str(model_config.tokenizer))
+    if not (d / VOCAB_FILE).is_file() or (d / "tokenizer.json").is_file():
+        return
+    log = init_logger("vllm.kimi_linear")  # under vLLM's logger: printed with its own lines
+    if model_config.tokenizer_mode == "auto":
+        model_config.tokenizer_mode = TOKENIZER_MODE
+        log.info("Kimi Linear: %s has %s: tokenizer mode %r (the published tiktoken tokenizer)",
+                 d, VOCAB_FILE, TOKENIZER_MODE)
+    elif model_config.tokenizer_mode != TOKENIZER_MODE:
+        log.warning("Kimi Linear: --tokenizer-mode %s on a checkpoint with %s: transformers converts "
+                    "it with a generic split pattern, which tokenizes Chinese, CamelCase and long "
+                    "whitespace differently from the published tokenizer; leave --tokenizer-mode "
+                    "out to get it", model_config.tokenizer_mode, VOCAB_FILE)
+
+
+def check_published_files(cfg: dict, model_config) -> None:
+    """The published layout's files against config.json: the shard index, and tiktoken.model /
+    tokenizer_config.json when the tokenizer is the checkpoint's own."""
+    from pathlib import Path
+
+    from .checkpoint_index import check_index
+    from .tokenizer import check_tokenizer_files
+
+    check_index(model_config.model)
+    if Path(str(model_config.tokenizer)) == Path(str(model_config.model)):
+        check_tokenizer_files(model_config.model, cfg["vocab_size"],
+                              {k: cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})

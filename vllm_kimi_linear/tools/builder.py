@@ -9,6 +9,8 @@ trained locally on the text embedded below, and generation_config.json.
     python -m vllm_kimi_linear.tools.builder OUTDIR --layout mla-first    # a named preset (LAYOUTS)
     python -m vllm_kimi_linear.tools.builder OUTDIR --layers 6 --full-attn-layers 1,5 --dense-layers 2
     python -m vllm_kimi_linear.tools.builder OUTDIR --published-config   # 48B dims, no weights
+    python -m vllm_kimi_linear.tools.builder OUTDIR --published-layout [--shards 4]  # files as
+        published: sharded weights + index, tiktoken.model, Kimi chat template (published.py)
 
 Same options -> byte-identical files: every tensor draws from its own generator seeded by
 (seed, tensor name), so a tensor's values do not depend on which other tensors exist, and a
@@ -362,6 +364,11 @@ def _parse(argv: list[str] | None) -> tuple[Path, dict]:
                                        "None: every 4th (all with --all-mla)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype,
                    help="weight dtype (A_log, dt_bias, e_score_correction_bias stay float32)")
+    p.add_argument("--published-layout", action="store_true",
+                   help="write the files as the published checkpoint has them: weight shards + "
+                        "index, tiktoken.model (--vocab counts its 256 reserved tokens), Kimi chat "
+                        "template, auto_map (tools/published.py)")
+    p.add_argument("--shards", type=int, default=4, help="weight files with --published-layout")
     a = vars(p.parse_args(argv))
     a.pop("layout")
     return a.pop("outdir"), a
@@ -379,7 +386,12 @@ def main(argv: list[str] | None = None) -> int:
               "no weights (serve with --load-format dummy)")
         return 0
     out, options = _parse(argv)
+    published, shards = options.pop("published_layout"), options.pop("shards")
     try:
+        if published:
+            from .published import build_published_checkpoint, describe
+            print(describe(build_published_checkpoint(out, shards=shards, **options)))
+            return 0
         path = build_tiny_checkpoint(out, **options)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
