@@ -370,8 +370,18 @@ def _parse(argv: list[str] | None) -> tuple[Path, dict]:
                         "template, auto_map (tools/published.py)")
     p.add_argument("--shards", type=int, default=4, help="weight files with --published-layout")
     a = vars(p.parse_args(argv))
-    a.pop("layout")
+    for key in ("layout", "published_layout", "shards"):  # not TinyOptions: main reads the last two
+        a.pop(key)
     return a.pop("outdir"), a
+
+
+def _file_layout(argv: list[str]) -> tuple[bool, int]:
+    """(--published-layout, --shards) from the command line."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--published-layout", action="store_true")
+    p.add_argument("--shards", type=int, default=4)
+    a = p.parse_known_args(argv)[0]
+    return a.published_layout, a.shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
               "no weights (serve with --load-format dummy)")
         return 0
     out, options = _parse(argv)
-    published, shards = options.pop("published_layout"), options.pop("shards")
+    published, shards = _file_layout(argv)
     try:
         if published:
             from .published import build_published_checkpoint, describe
