@@ -93,3 +93,25 @@ def test_malformed_tiktoken_model_named(published_dir, tmp_path):
     (d / "tiktoken.model").write_text("this is not base64!! 0\n")
     with pytest.raises(ValueError, match=r"tiktoken\.model: line 1 is not"):
         engine_config(d)
+
+
+def test_hub_id_resolved_to_its_files(published_dir, monkeypatch):
+    """`vllm serve moonshotai/...`: the mode is picked and the tokenizer loaded from the Hub
+    repository's non-weight files, fetched by vLLM's own helper (stubbed here: no network)."""
+    import types
+
+    from vllm.transformers_utils import repo_utils
+
+    from vllm_kimi_linear.hooks import pick_tokenizer_mode
+    from vllm_kimi_linear.tokenizer import KimiLinearTokenizer
+
+    hub_id = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
+    fetched = []
+    monkeypatch.setattr(repo_utils, "get_non_weight_snapshot_path",
+                        lambda repo, revision=None, cache_dir=None, token=None:
+                        fetched.append(repo) or str(published_dir))
+    mc = types.SimpleNamespace(tokenizer=hub_id, tokenizer_mode="auto", tokenizer_revision=None)
+    pick_tokenizer_mode(mc)
+    assert mc.tokenizer_mode == "kimi_linear" and fetched == [hub_id]
+    tok = KimiLinearTokenizer.from_pretrained(hub_id)
+    assert tok.encode("<|im_middle|>") == [tok.num_base + 17]

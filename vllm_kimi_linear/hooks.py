@@ -57,14 +57,15 @@ def pick_tokenizer_mode(model_config) -> None:
     published layout) -> "kimi_linear", the published algorithm (tokenizer.py), with or without
     --trust-remote-code. Runs as the ModelConfig is built, before any process loads a tokenizer;
     an explicit --tokenizer-mode is kept."""
-    from pathlib import Path
-
     from vllm.logger import init_logger
 
     from . import TOKENIZER_MODE
-    from .tokenizer import VOCAB_FILE
+    from .tokenizer import VOCAB_FILE, local_dir
 
-    d = Path(str(model_config.tokenizer))
+    if model_config.tokenizer_mode == TOKENIZER_MODE:
+        return
+    # a Hub id: its non-weight files, as vLLM's HF tokenizer would fetch them anyway
+    d = local_dir(model_config.tokenizer, model_config.tokenizer_revision)
     if not (d / VOCAB_FILE).is_file() or (d / "tokenizer.json").is_file():
         return
     log = init_logger("vllm.kimi_linear")  # under vLLM's logger: printed with its own lines
@@ -72,7 +73,7 @@ def pick_tokenizer_mode(model_config) -> None:
         model_config.tokenizer_mode = TOKENIZER_MODE
         log.info("Kimi Linear: %s has %s: tokenizer mode %r (the published tiktoken tokenizer)",
                  d, VOCAB_FILE, TOKENIZER_MODE)
-    elif model_config.tokenizer_mode != TOKENIZER_MODE:
+    else:
         log.warning("Kimi Linear: --tokenizer-mode %s on a checkpoint with %s: transformers converts "
                     "it with a generic split pattern, which tokenizes Chinese, CamelCase and long "
                     "whitespace differently from the published tokenizer; leave --tokenizer-mode "

@@ -117,6 +117,16 @@ def split_runs(text: str) -> Iterator[str]:
         yield s[cut:]
 
 
+def local_dir(name_or_path, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """A local directory, or a Hub repository's non-weight files fetched the way vLLM fetches them
+    for its HF tokenizer (the repository name back if that fails: callers then find no file)."""
+    if Path(str(name_or_path)).exists():
+        return Path(str(name_or_path))
+    from vllm.transformers_utils.repo_utils import get_non_weight_snapshot_path
+    return Path(get_non_weight_snapshot_path(str(name_or_path), revision=revision,
+                                             cache_dir=download_dir))
+
+
 def check_tokenizer_files(model_dir, vocab_size: int, token_ids: dict[str, int]) -> None:
     """tiktoken.model and tokenizer_config.json against config.json: the base vocabulary plus the
     256 reserved ids fit the model's vocab_size, every added token's id is a reserved id, and
@@ -151,11 +161,11 @@ class KimiLinearTokenizer:
     def from_pretrained(cls, path_or_repo_id, *args, trust_remote_code: bool = False,
                         revision: str | None = None, download_dir: str | None = None,
                         **kwargs) -> "KimiLinearTokenizer":
-        d = Path(path_or_repo_id)
+        d = local_dir(path_or_repo_id, revision, download_dir)
         if not (d / VOCAB_FILE).is_file():
             raise KimiTokenizerFileError(
-                f"tokenizer mode 'kimi_linear' needs a local directory with {VOCAB_FILE}; "
-                f"{d} has none (download the checkpoint first, or use --tokenizer-mode hf)")
+                f"tokenizer mode 'kimi_linear' needs {VOCAB_FILE}; {path_or_repo_id} has none "
+                "(give the checkpoint's directory or Hub id, or use --tokenizer-mode hf)")
         return cls(d, truncation_side=kwargs.get("truncation_side", "left"))
 
     def __init__(self, model_dir: Path, truncation_side: str = "left"):
