@@ -6,7 +6,7 @@ is ONE clear ValueError at start-up rather than a failure inside a worker.
 """
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from .checkpoint import check_checkpoint
+from .checkpoint import check_checkpoint, quant_scheme
 from .config import raw_config, validate_config
 
 
@@ -34,7 +34,8 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
         dims = validate_config(cfg, tp_size=vllm_config.parallel_config.tensor_parallel_size,
                                on_cpu=on_cpu)
         check_published_files(cfg, mc)
-        check_checkpoint(dims, mc.model)
+        check_checkpoint(dims, mc.model, quant_scheme(cfg))
+        check_quantization(mc.quantization, cfg)
         if vllm_config.parallel_config.pipeline_parallel_size > 1 and dims.tie_word_embeddings:
             raise ValueError("Kimi Linear config.json: tie_word_embeddings=true with "
                              "--pipeline-parallel-size > 1: the embedding (first stage) and lm_head "
@@ -50,6 +51,19 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
         if current_platform.is_cuda():
             from .cuda_checks import check_cuda_mla
             check_cuda_mla(mc.dtype, dims.mla, current_platform)
+
+
+def check_quantization(method: str | None, cfg: dict) -> None:
+    """`--quantization X` on a checkpoint whose config.json says otherwise, or online
+    quantization of an unquantized one: refused by name (only FP8 checkpoints are served
+    quantized; an online method would quantize b_proj and the rest unverified)."""
+    stored = (cfg.get("quantization_config") or {}).get("quant_method")
+    if method is not None and method != stored:
+        raise ValueError(
+            f"Kimi Linear (vllm-kimi-linear): --quantization {method} on a checkpoint whose "
+            f"config.json quantization_config is {stored!r}: online quantization is not supported; "
+            "serve an FP8 checkpoint (python -m vllm_kimi_linear.tools.quantize makes one from a "
+            "bfloat16 checkpoint) or drop --quantization")
 
 
 def pick_tokenizer_mode(model_config) -> None:

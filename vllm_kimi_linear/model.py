@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group
+from vllm.distributed import get_ep_group, get_pp_group
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import fused_moe_make_expert_params_mapping
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -23,14 +23,15 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsPP
+from vllm.model_executor.models.interfaces import (HasInnerState, IsHybrid, MixtureOfExperts,
+                                                   SupportsPP)
 from vllm.model_executor.models.utils import (PPMissingLayer, is_pp_missing_parameter,
                                               make_empty_intermediate_tensors_factory, make_layers)
 from vllm.sequence import IntermediateTensors
 
-from .checkpoint import check_all_present, check_tensor
-from .config import KimiLinearDims, model_dims
-from .layers.kda import KimiDeltaAttention, kda_state_dtype, kda_state_shape
+from .checkpoint import check_all_present, check_no_quant_tensors, check_tensor, expected_tensors, quant_scheme
+from .config import KimiLinearDims, raw_config
+from .layers.kda import KimiDeltaAttention, kda_packed_modules, kda_state_dtype, kda_state_shape
 from .layers.mla import KimiMLAAttention
 from .layers.moe import KimiMLP, KimiMoE
 
@@ -46,7 +47,8 @@ class KimiDecoderLayer(nn.Module):
         if dims.is_moe(i):
             self.block_sparse_moe = KimiMoE(vllm_config, dims, prefix=f"{prefix}.block_sparse_moe")
         else:
-            self.mlp = KimiMLP(dims.hidden_size, dims.intermediate_size, prefix=f"{prefix}.mlp")
+            self.mlp = KimiMLP(dims.hidden_size, dims.intermediate_size, vllm_config.quant_config,
+                               prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
 
@@ -96,12 +98,15 @@ class KimiLinearModel(nn.Module):
         return h
 
 
-class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
-    # our merged module -> the checkpoint modules it holds, in shard order
-    packed_modules = {"gate_up_proj": ["gate_proj", "up_proj"], **KimiDeltaAttention.packed_modules}
-    # (our name piece, checkpoint name piece, shard id)
-    stacked_params = [(f".{ours}.", f".{ckpt}.", i) for ours, ckpts in packed_modules.items()
-                      for i, ckpt in enumerate(ckpts)]
+def packed_modules(quantized: bool) -> dict[str, list[str]]:
+    """Our merged module -> the checkpoint modules it holds, in shard order."""
+    return {"gate_up_proj": ["gate_proj", "up_proj"], **kda_packed_modules(quantized)}
+
+
+class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP, MixtureOfExperts):
+    # vLLM hands this to the quantization config before the model exists (to match a merged
+    # layer's shards against the checkpoint's per-module quantization): quantized layout.
+    packed_modules_mapping = packed_modules(quantized=True)
 
     def __new__(cls, *args, vllm_config: VllmConfig | None = None, prefix: str = "", **kwargs):
         # vLLM builds Kimi-K3's language model through this same registry name, as a submodel
@@ -117,17 +122,50 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
         # Also checked by the config hook at start-up; repeated here for direct constructions.
         from vllm.platforms import current_platform
         self.config = vllm_config.model_config.hf_config
-        d = self.dims = model_dims(vllm_config).check_servable(
+        mc = vllm_config.model_config
+        cfg = raw_config(mc.hf_config, mc.model)
+        self.quant = quant_scheme(cfg)
+        d = self.dims = KimiLinearDims.from_config(cfg).check_servable(
             vllm_config.parallel_config.tensor_parallel_size, on_cpu=current_platform.is_cpu())
+        # (our name piece, checkpoint name piece, shard id) for the loader
+        self.stacked_params = [(f".{ours}.", f".{ckpt}.", i) for ours, ckpts in
+                               packed_modules(vllm_config.quant_config is not None).items()
+                               for i, ckpt in enumerate(ckpts)]
         self.model = KimiLinearModel(vllm_config, d, prefix="model")
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         if get_pp_group().is_last_rank:
-            self.lm_head = ParallelLMHead(d.vocab_size, d.hidden_size, prefix="lm_head")
+            self.lm_head = ParallelLMHead(d.vocab_size, d.hidden_size,
+                                          quant_config=vllm_config.quant_config, prefix="lm_head")
             if d.tie_word_embeddings:  # (with PP > 1 the hook refuses tied embeddings)
                 self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         else:
             self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(d.vocab_size)
+        self._init_moe_metadata(vllm_config)
+
+    # ---- MixtureOfExperts (what vLLM's expert-parallel load balancer reads and updates)
+    def _init_moe_metadata(self, vllm_config: VllmConfig) -> None:
+        layers = self.model.layers[self.model.start_layer:self.model.end_layer]
+        self.moe_layers = [layer.block_sparse_moe.experts for layer in layers
+                           if hasattr(layer, "block_sparse_moe")]
+        moe = self.dims.moe
+        self.num_moe_layers = len(self.moe_layers)
+        self.num_expert_groups = moe.num_expert_group
+        self.num_logical_experts = self.num_routed_experts = moe.num_experts
+        self.num_shared_experts = moe.num_shared_experts
+        self.num_redundant_experts = vllm_config.parallel_config.eplb_config.num_redundant_experts
+        self.num_physical_experts = self.num_logical_experts + self.num_redundant_experts
+        ep = get_ep_group().world_size if vllm_config.parallel_config.enable_expert_parallel else 1
+        self.num_local_physical_experts = self.num_physical_experts // ep
+        self.expert_weights = []
+
+    def update_physical_experts_metadata(self, num_physical_experts: int,
+                                         num_local_physical_experts: int) -> None:
+        self.num_physical_experts = num_physical_experts
+        self.num_local_physical_experts = num_local_physical_experts
+        self.num_redundant_experts = num_physical_experts - self.num_logical_experts
+        for experts in self.moe_layers:
+            experts.update_expert_map()
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -153,17 +191,19 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
 
     # ---- weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        expected = self.dims.checkpoint_shapes()
+        expected = expected_tensors(self.dims, self.quant)
         params = dict(self.named_parameters())
         experts = fused_moe_make_expert_params_mapping(self, ckpt_gate_proj_name="w1",
                                                        ckpt_down_proj_name="w2",
                                                        ckpt_up_proj_name="w3",
-                                                       num_experts=self.dims.moe.num_experts)
+                                                       num_experts=self.dims.moe.num_experts,
+                                                       num_redundant_experts=self.num_redundant_experts)
         seen: set[str] = set()
         loaded: set[str] = set()
-        mtp = 0
+        mtp, skipped = 0, []
         for name, w in weights:
             if not check_tensor(expected, name, w.shape):
+                skipped.append(name)
                 # e.g. rotary_emb.inv_freq, or the multi-token-prediction layers after the decoder
                 mtp += name.startswith("model.layers.") and int(name.split(".")[2]) >= self.dims.num_layers
                 continue
@@ -171,6 +211,8 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
             target = self._load_one(params, experts, name, w)
             if target is not None:
                 loaded.add(target)
+        if self.quant is None:
+            check_no_quant_tensors(skipped)
         check_all_present(expected, seen)
         if mtp:
             logger.info("Kimi Linear: skipped %d tensors of the checkpoint's %d multi-token-prediction "
@@ -180,7 +222,7 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
 
     def _load_one(self, params, experts, name: str, w: torch.Tensor) -> str | None:
         """Load one checkpoint tensor; the parameter it went to, or None when that parameter
-        belongs to another pipeline stage."""
+        belongs to another pipeline stage (or the expert to another expert-parallel rank)."""
         if is_pp_missing_parameter(name, self):
             return None
         for ours, ckpt, shard in self.stacked_params:
@@ -190,12 +232,18 @@ class KimiLinearForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsPP):
             if target in params:  # (an MLA layer's q_proj is its own)
                 params[target].weight_loader(params[target], w, shard)
                 return target
+        expert_target = None
         for ours, ckpt, expert_id, shard in experts:
             if ckpt in name:
-                target = name.replace(ckpt, ours)
-                params[target].weight_loader(params[target], w, target, shard_id=shard,
-                                             expert_id=expert_id)
-                return target
+                # one entry per physical expert holding this logical one (EPLB replicas); with
+                # expert parallelism each rank loads only the experts it holds
+                expert_target = name.replace(ckpt, ours)
+                p = params[expert_target]
+                if p.weight_loader(p, w, expert_target, shard_id=shard, expert_id=expert_id,
+                                   return_success=True):
+                    return expert_target
+        if expert_target is not None:
+            return None
         p = params[name]
         getattr(p, "weight_loader", default_weight_loader)(p, w)
         return name

@@ -78,9 +78,11 @@ class MergedInputProjection(MergedColumnParallelLinear):
     (declared as size x tp, so the parent's per-rank arithmetic gives `size`) and is loaded as
     rank 0 would load it, i.e. whole. (vLLM's in-tree Kimi layer merges f_a the same way.)"""
 
-    def __init__(self, hidden: int, sharded: list[int], replicated: list[int], tp: int, prefix: str):
+    def __init__(self, hidden: int, sharded: list[int], replicated: list[int], tp: int,
+                 quant_config, prefix: str):
         self.replicated_ids = set(range(len(sharded), len(sharded) + len(replicated)))
-        super().__init__(hidden, sharded + [r * tp for r in replicated], bias=False, prefix=prefix)
+        super().__init__(hidden, sharded + [r * tp for r in replicated], bias=False,
+                         quant_config=quant_config, prefix=prefix)
 
     def _as_rank_0(self, load, param, loaded_weight, loaded_shard_id):
         # the v1 loader reads the layer's tp_rank, the v2 loader (vLLM parameters) the parameter's
@@ -103,23 +105,41 @@ class MergedInputProjection(MergedColumnParallelLinear):
         self._as_rank_0(super().weight_loader_v2, param, loaded_weight, loaded_shard_id)
 
 
-class KimiDeltaAttention(nn.Module, MambaBase):
-    # checkpoint module -> (our module, shard): the model's loader maps names through these
-    packed_modules = {"in_proj": ["q_proj", "k_proj", "v_proj", "b_proj", "f_a_proj", "g_a_proj"],
-                      "qkv_conv1d": ["q_conv1d", "k_conv1d", "v_conv1d"]}
+def kda_packed_modules(quantized: bool) -> dict[str, list[str]]:
+    """Our merged module -> the checkpoint modules it holds, in shard order. Unquantized, b_proj
+    rides in the one input GEMM; quantized, it is its own layer: block-quantized weights need
+    every merged (or TP-split) shard to be a whole number of 128-row blocks, and b_proj has one
+    row per head (quantizers leave it unquantized, as Qwen3-Next's FP8 leaves its in_proj_ba)."""
+    q_k_v = ["q_proj", "k_proj", "v_proj"]
+    inputs = q_k_v + ([] if quantized else ["b_proj"]) + ["f_a_proj", "g_a_proj"]
+    return {"in_proj": inputs, "qkv_conv1d": ["q_conv1d", "k_conv1d", "v_conv1d"]}
 
+
+class KimiDeltaAttention(nn.Module, MambaBase):
     def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
+        quant = vllm_config.quant_config
         self.vllm_config, self.prefix, self.dims = vllm_config, prefix, dims.kda
         hid, H, D, K = dims.hidden_size, dims.kda.num_heads, dims.kda.head_dim, dims.kda.short_conv_kernel_size
         self.heads, self.head_dim = H // tp, D
         HD = self.heads * D
-        self.split = [3 * HD, self.heads, D, D]  # this rank's q|k|v (the conv's input), b, f_a, g_a
-        self.in_proj = MergedInputProjection(hid, [H * D] * 3 + [H], [D, D], tp, f"{prefix}.in_proj")
+        self.packed_modules = kda_packed_modules(quantized=quant is not None)
+        if quant is None:
+            self.split = [3 * HD, self.heads, D, D]  # this rank's q|k|v (the conv's input), b, f_a, g_a
+            self.in_proj = MergedInputProjection(hid, [H * D] * 3 + [H], [D, D], tp, None,
+                                                 f"{prefix}.in_proj")
+            self.b_proj = None
+        else:
+            self.split = [3 * HD, D, D]
+            self.in_proj = MergedInputProjection(hid, [H * D] * 3, [D, D], tp, quant, f"{prefix}.in_proj")
+            self.b_proj = ColumnParallelLinear(hid, H, bias=False, quant_config=quant,
+                                               prefix=f"{prefix}.b_proj")
         self.qkv_conv1d = ConvWeight(H * D, K, vllm_config.model_config.dtype)
-        self.f_b_proj = ColumnParallelLinear(D, H * D, bias=False, prefix=f"{prefix}.f_b_proj")
-        self.g_b_proj = ColumnParallelLinear(D, H * D, bias=False, prefix=f"{prefix}.g_b_proj")
+        self.f_b_proj = ColumnParallelLinear(D, H * D, bias=False, quant_config=quant,
+                                             prefix=f"{prefix}.f_b_proj")
+        self.g_b_proj = ColumnParallelLinear(D, H * D, bias=False, quant_config=quant,
+                                             prefix=f"{prefix}.g_b_proj")
         # A_log [1,1,H,1] and dt_bias [H*D] stay fp32 (the gate's exp/softplus are sensitive).
         self.A_log = nn.Parameter(torch.empty(self.heads, dtype=torch.float32), requires_grad=False)
         set_weight_attrs(self.A_log, {"weight_loader": _sharded_loader(0, lambda w: w.reshape(-1))})
@@ -128,7 +148,7 @@ class KimiDeltaAttention(nn.Module, MambaBase):
         # vLLM's fused RMSNorm x sigmoid(gate) (Triton on CUDA, PyTorch elsewhere); weight o_norm.weight
         self.o_norm = FusedRMSNormGated(D, eps=dims.rms_norm_eps, activation="sigmoid")
         self.o_proj = RowParallelLinear(H * D, hid, bias=False, input_is_parallel=True,
-                                        prefix=f"{prefix}.o_proj")
+                                        quant_config=quant, prefix=f"{prefix}.o_proj")
         # vLLM finds the layer (for its state pages and metadata) by prefix.
         cc = vllm_config.compilation_config
         if prefix in cc.static_forward_context:
@@ -158,7 +178,11 @@ class KimiDeltaAttention(nn.Module, MambaBase):
     # ---- forward
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         T, H, D = hidden_states.shape[0], self.heads, self.head_dim
-        qkv, b, f_a, g_a = self.in_proj(hidden_states)[0].split(self.split, dim=-1)
+        if self.b_proj is None:
+            qkv, b, f_a, g_a = self.in_proj(hidden_states)[0].split(self.split, dim=-1)
+        else:
+            qkv, f_a, g_a = self.in_proj(hidden_states)[0].split(self.split, dim=-1)
+            b = self.b_proj(hidden_states)[0]
         # shaped [T, H, D] explicitly: the gate would misread a flat [T, H*D] when T == H
         f = self.f_b_proj(f_a)[0].view(T, H, D)  # raw: the gate is applied inside the kernels
         core = torch.zeros(T, H, D, dtype=hidden_states.dtype, device=hidden_states.device)

@@ -23,17 +23,20 @@ from ..config import KimiLinearDims
 class KimiMLAAttention(nn.Module):
     def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str):
         super().__init__()
-        hid, mla = dims.hidden_size, dims.mla
+        hid, mla, quant = dims.hidden_size, dims.mla, vllm_config.quant_config
         n, nope, rope, v, r = (mla.num_heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim,
                                mla.v_head_dim, mla.kv_lora_rank)
         # Attribute order matters: these register first, so parameters keep checkpoint names
         # (self_attn.q_proj.weight, ...) although the wrapper holds the same modules.
-        self.q_proj = ColumnParallelLinear(hid, n * (nope + rope), bias=False, prefix=f"{prefix}.q_proj")
-        self.kv_a_proj_with_mqa = ReplicatedLinear(hid, r + rope, bias=False,
+        self.q_proj = ColumnParallelLinear(hid, n * (nope + rope), bias=False, quant_config=quant,
+                                           prefix=f"{prefix}.q_proj")
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hid, r + rope, bias=False, quant_config=quant,
                                                    prefix=f"{prefix}.kv_a_proj_with_mqa")
         self.kv_a_layernorm = RMSNorm(r, eps=dims.rms_norm_eps)
-        self.kv_b_proj = ColumnParallelLinear(r, n * (nope + v), bias=False, prefix=f"{prefix}.kv_b_proj")
-        self.o_proj = RowParallelLinear(n * v, hid, bias=False, prefix=f"{prefix}.o_proj")
+        self.kv_b_proj = ColumnParallelLinear(r, n * (nope + v), bias=False, quant_config=quant,
+                                              prefix=f"{prefix}.kv_b_proj")
+        self.o_proj = RowParallelLinear(n * v, hid, bias=False, quant_config=quant,
+                                        prefix=f"{prefix}.o_proj")
         mods = MLAModules(kv_a_layernorm=self.kv_a_layernorm, kv_b_proj=self.kv_b_proj,
                           rotary_emb=None,  # NoPE: Kimi Linear's MLA applies no rotary embedding
                           o_proj=self.o_proj, fused_qkv_a_proj=None,
@@ -43,7 +46,7 @@ class KimiMLAAttention(nn.Module):
         local_heads = n // get_tensor_model_parallel_world_size()  # the wrapper wants this rank's
         self.mla_attn = MultiHeadLatentAttentionWrapper(
             hid, local_heads, (nope + rope) ** -0.5, nope, rope, v, None, r, mods,
-            cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
+            cache_config=vllm_config.cache_config, quant_config=quant,
             prefix=prefix)
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
