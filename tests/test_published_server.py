@@ -5,7 +5,8 @@ to with the `openai` package. One server for the module.
 References no one here wrote: transformers' KimiLinearForCausalLM (tests/reference/hf_ref.py,
 plain PyTorch, fla hidden, float64, kv_a_layernorm eps = rms_norm_eps as vLLM has it) for tokens
 and log-probabilities, and the reference tokenizer (tests/reference/kimi_tokenizer_ref.py) for
-ids. Served logprobs come from a float32 engine: TOL = 1e-3 (the suite's engine tolerance).
+ids. Served logprobs come from a float32 engine: TOL = 2e-4, tighter than the suite's 1e-3 for
+engine tests (observed here: <= 1.5e-5 over 200 prompt positions and 12 greedy tokens).
 
 The model is steered into a tool call by tests/forced_tokens.py (a logits processor that forces
 given output ids); what is tested is the server's path from those tokens to OpenAI tool_calls.
@@ -26,7 +27,7 @@ from vllm_kimi_linear.tools.published import build_published_checkpoint
 
 openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
-TOL = 1e-3
+TOL = 2e-4
 SYSTEM, USER = "You are terse.", "用中文和English说说 the weather?"
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
@@ -112,6 +113,8 @@ def test_chat_renders_the_published_format_and_matches_transformers(client, ref_
     got_lp = [c.logprob for c in r.choices[0].logprobs.content]
     assert r.usage.completion_tokens == len(want)
     assert r.choices[0].message.content == ref_tok.tok.decode(want, skip_special_tokens=True)
+    print(f"chat greedy logprobs vs transformers: max |diff| "
+          f"{max(abs(a - b) for a, b in zip(got_lp, want_lp)):.2e} over {len(want)} tokens")
     assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < TOL
 
 
@@ -125,6 +128,7 @@ def test_prompt_logprobs_match_transformers(client, ref_tok, hf_model, stop_ids)
     served = torch.tensor([e[str(t)]["logprob"] for e, t in zip(r.choices[0].prompt_logprobs[1:], ids[1:])],
                           dtype=torch.float64)
     err = (served - hf_ref.prompt_logprobs(hf_model, ids)).abs()
+    print(f"prompt logprobs vs transformers: max |diff| {err.max().item():.2e} over {len(err)}")
     assert err.max().item() < TOL, f"max |diff| {err.max().item():.2e} at {int(err.argmax()) + 1}"
     want, want_lp = hf_greedy(hf_model, ids, 6, set())
     assert r.choices[0].text == ref_tok.tok.decode(want, skip_special_tokens=True)
