@@ -115,3 +115,8 @@ def test_hub_id_resolved_to_its_files(published_dir, monkeypatch):
     assert mc.tokenizer_mode == "kimi_linear" and fetched == [hub_id]
     tok = KimiLinearTokenizer.from_pretrained(hub_id)
     assert tok.encode("<|im_middle|>") == [tok.num_base + 17]
+
+
+def test_kimi_linear_mode_without_tiktoken_model_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"--tokenizer-mode kimi_linear needs tiktoken\.model"):
+        engine_config(tiny_model_dir, tokenizer_mode="kimi_linear")

@@ -76,10 +76,13 @@ def pick_tokenizer_mode(model_config) -> None:
     from . import TOKENIZER_MODE
     from .tokenizer import VOCAB_FILE, local_dir
 
-    if model_config.tokenizer_mode == TOKENIZER_MODE:
-        return
     # a Hub id: its non-weight files, as vLLM's HF tokenizer would fetch them anyway
     d = local_dir(model_config.tokenizer, model_config.tokenizer_revision)
+    if model_config.tokenizer_mode == TOKENIZER_MODE:
+        if not (d / VOCAB_FILE).is_file():
+            raise ValueError(f"--tokenizer-mode {TOKENIZER_MODE} needs {VOCAB_FILE}, which "
+                             f"{model_config.tokenizer} does not have: leave --tokenizer-mode out")
+        return
     if not (d / VOCAB_FILE).is_file() or (d / "tokenizer.json").is_file():
         return
     log = init_logger("vllm.kimi_linear")  # under vLLM's logger: printed with its own lines
