@@ -30,6 +30,13 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
                              "serve without --enable-dbo / --ubatch-size")
         mc = vllm_config.model_config
         on_cpu = current_platform.is_cpu()
+        if on_cpu and vllm_config.parallel_config.enable_expert_parallel:
+            # vLLM 0.32's CPU MoE kernels index their local experts with the global expert ids
+            # (they ignore the expert map): the worker segfaults at the first forward.
+            raise ValueError("Kimi Linear (vllm-kimi-linear) on CPU: --enable-expert-parallel is not "
+                             "supported by vLLM's CPU MoE kernels (the worker would crash); on CPU "
+                             "serve with --tensor-parallel-size alone (experts are then split by "
+                             "intermediate size)")
         cfg = raw_config(mc.hf_config, mc.model)
         dims = validate_config(cfg, tp_size=vllm_config.parallel_config.tensor_parallel_size,
                                on_cpu=on_cpu)
