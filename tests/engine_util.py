@@ -140,4 +140,19 @@ def shard_report(worker) -> dict:
         "moe_intermediate": moe.experts.routed_experts.intermediate_size_per_partition,
         "embed_rows": m.model.embed_tokens.num_embeddings_per_partition,
         "lm_head_rows": m.lm_head.num_embeddings_per_partition,
+        "moe_interface": moe_interface(m),
     }
+
+
+def moe_interface(model) -> dict:
+    """What vLLM's expert-parallel load balancer reads off the model (MixtureOfExperts)."""
+    from vllm.model_executor.models.interfaces import is_mixture_of_experts
+    layers = list(model.model.layers)
+    runners = [l.block_sparse_moe.experts for l in layers if hasattr(l, "block_sparse_moe")]
+    return {"is_moe": is_mixture_of_experts(model),
+            "moe_layers_are_the_runners": [id(r) for r in model.moe_layers] == [id(r) for r in runners],
+            "expert_weight_tensors": [len(list(r.get_expert_weights())) for r in model.moe_layers],
+            **{k: getattr(model, k) for k in (
+                "num_moe_layers", "num_expert_groups", "num_logical_experts", "num_physical_experts",
+                "num_local_physical_experts", "num_routed_experts", "num_shared_experts",
+                "num_redundant_experts")}}

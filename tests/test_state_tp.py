@@ -55,6 +55,16 @@ def test_each_rank_holds_its_shard(llm, tiny_model_dir):
         # vocabulary-parallel embedding and head
         assert r["embed_rows"] == r["lm_head_rows"] >= d.vocab_size // TP
         assert r["embed_rows"] * TP < d.vocab_size + 64 * TP
+        # vLLM's MixtureOfExperts interface (what EPLB reads): no EP, so every expert is local
+        moe_layers = sum(d.is_moe(i) for i in range(d.num_layers))
+        E = d.moe.num_experts
+        assert r["moe_interface"] == {
+            "is_moe": True, "moe_layers_are_the_runners": True,
+            "expert_weight_tensors": [2] * moe_layers,  # w13 and w2 of each MoE layer
+            "num_moe_layers": moe_layers, "num_expert_groups": d.moe.num_expert_group,
+            "num_logical_experts": E, "num_physical_experts": E, "num_local_physical_experts": E,
+            "num_routed_experts": E, "num_shared_experts": d.moe.num_shared_experts,
+            "num_redundant_experts": 0}, r["moe_interface"]
 
 
 def test_layout_halves_the_kda_state_per_rank(llm, tiny_model_dir):
