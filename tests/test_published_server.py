@@ -188,3 +188,18 @@ def test_special_id_past_the_embedding_refused(server, published_dir, ref_tok):
     assert r.status_code == 400 and f"Token id {last} is out of vocabulary" in r.text, r.text
     body["prompt"] = "hi"
     assert requests.post(server.url("/v1/completions"), json=body, timeout=60).status_code == 200
+
+
+def test_trust_remote_code_given_anyway(tmp_path_factory, published_dir, ref_tok):
+    """--trust-remote-code (the model card's flag) changes nothing: the same tokenizer is picked
+    (the checkpoint's auto_map is not followed) and the server answers."""
+    with serve_tiny(tmp_path_factory.mktemp("trc"), "--trust-remote-code", model_dir=published_dir) as s:
+        text = "你好 世界 getHTTPResponse don't"
+        r = requests.post(s.url("/tokenize"), json={"model": SERVED_NAME, "prompt": text}, timeout=60)
+        assert r.json()["tokens"] == ref_tok.encode(text)
+        r = requests.post(s.url("/v1/chat/completions"), timeout=60, json={
+            "model": SERVED_NAME, "messages": [{"role": "user", "content": text}], "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(ref_tok.encode(chat_prompt(
+            "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>",
+            f"<|im_user|>user<|im_middle|>{text}<|im_end|>")))
