@@ -183,6 +183,7 @@ class KimiLinearTokenizer:
         self._id_to_token = {i: "".join(be[b] for b in tok) for tok, i in ranks.items()}
         self._id_to_token |= {i: "".join(be[b] for b in t.encode()) for t, i in self._special.items()}
         self._vocab = {t: i for i, t in self._id_to_token.items()}
+        self._max_chars = max(len(t) for t in self._vocab)
         self._byte_decoder = {c: b for b, c in be.items()}
         self._chat_template = config.get("chat_template")
         jinja = model_dir / "chat_template.jinja"
@@ -221,7 +222,8 @@ class KimiLinearTokenizer:
 
     @property
     def max_chars_per_token(self) -> int:
-        return max(len(t) for t in self._vocab)
+        return self._max_chars
+
 
     def __len__(self) -> int:
         return self._enc.n_vocab
@@ -233,7 +235,8 @@ class KimiLinearTokenizer:
         return 0  # the published tokenizer adds no BOS/EOS when encoding
 
     def get_vocab(self) -> dict[str, int]:
-        return dict(self._vocab)
+        # one shared dict, as vLLM's cached HF tokenizer returns: parsers read it per request
+        return self._vocab
 
     def get_added_vocab(self) -> dict[str, int]:
         return dict(self._special)
