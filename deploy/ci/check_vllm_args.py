@@ -3,12 +3,17 @@
     python deploy/ci/check_vllm_args.py LISTS.json      # {"name": ["MODEL", "--flag", "value", ...]}
     python deploy/ci/check_vllm_args.py - < LISTS.json
     python deploy/ci/check_vllm_args.py --argparse-only LISTS.json   # skip the exact-spelling check
+    python deploy/ci/check_vllm_args.py --engine-config DIR LISTS.json  # and build the engine config
 
 Builds the `serve` subcommand parser exactly as the `vllm` command does (vllm.entrypoints.cli.serve
 ServeSubcommand.subparser_init -> make_arg_parser), parses ["serve", *list] and runs
 validate_parsed_serve_args. On top of that every `--option` must be spelled as vLLM defines it:
 argparse would otherwise accept an abbreviation, so a flag renamed to a longer name could slip
-through. Prints {"name": {"ok": bool, "error": str}} as JSON; exits 1 if any list fails.
+through. With --engine-config DIR, each list that parses is also turned into vLLM's engine
+config with the list's model replaced by DIR (e.g. the builder's --published-config directory,
+weights replaced by --load-format dummy): vLLM's config validation and the Kimi Linear plugin's
+start-up checks (its config hook) run on the list's exact flags, as `vllm serve` would before
+starting any worker. Prints {"name": {"ok": bool, "error": str}} as JSON; exits 1 if any list fails.
 """
 from __future__ import annotations
 
@@ -53,9 +58,29 @@ def check(parser, serve, args: list[str], exact_names: bool = True) -> str | Non
     return None
 
 
+def engine_config_error(parser, args: list[str], model_dir: str) -> str | None:
+    """None if vLLM builds the engine config of `vllm serve ARGS` with the model replaced by
+    `model_dir` (dummy weights), else the error text."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    ns = parser.parse_args(["serve", model_dir, *args[1:]])
+    ns.model, ns.load_format = model_dir, "dummy"
+    try:
+        AsyncEngineArgs.from_cli_args(ns).create_engine_config(UsageContext.OPENAI_API_SERVER)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def main(argv: list[str]) -> int:
     exact = "--argparse-only" not in argv
     argv = [a for a in argv if a != "--argparse-only"]
+    model_dir = None
+    if "--engine-config" in argv:
+        i = argv.index("--engine-config")
+        model_dir = argv[i + 1]
+        del argv[i:i + 2]
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 64
@@ -64,8 +89,10 @@ def main(argv: list[str]) -> int:
     report = {}
     for name, args in lists.items():
         error = check(parser, serve, args, exact)
+        if error is None and model_dir is not None:
+            error = engine_config_error(parser, args, model_dir)
         report[name] = {"ok": error is None, "error": error or ""}
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report))  # one line, the last: vLLM may log to stdout before it
     return 0 if all(r["ok"] for r in report.values()) else 1
 
 
