@@ -9,6 +9,16 @@ impl="${1:?plugin or intree}"; rows="${2:-}"
 out="${OUT:-$PWD/sbs-results}"; mkdir -p "$out"
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 [ "$impl" = plugin ] && export PYTHONPATH=/tmp/site:/tmp/plugin
+# A server left by an earlier call (the harness starts it in its own process session, which
+# outlives a call stopped by its limit) would hold the GPU: stop it, and wait for the memory.
+stop_servers() {
+  pkill -9 -f "[v]llm.entrypoints.cli.main serve"; pkill -9 -f "[E]ngineCore"
+  for _ in $(seq 30); do
+    [ "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits)" -lt 2000 ] && return
+    sleep 2
+  done
+}
+stop_servers
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 start=$(date +%s)
 # stop before the device call's own limit, so the rows measured so far still come back
@@ -19,4 +29,5 @@ echo "side_by_side exit $rc after $(( $(date +%s) - start )) s" | tee -a "$out/s
 cp /tmp/sbs/summary-"$impl".json "$out/" 2>/dev/null
 cp /tmp/sbs/server-"$impl".log "$out/" 2>/dev/null
 tar czf "$out/bench-$impl.tgz" -C /tmp/sbs --exclude published-config --exclude 'server-*' . 2>/dev/null
+stop_servers
 exit $rc
