@@ -222,3 +222,41 @@ def test_fused_recurrent_decode_on_a_pool_matches_naive(backend, bias):
         check(o[n:n + 1], pool[slot:slot + 1], ro, rs, 1e-4)
     untouched = [i for i in range(7) if i not in slots.tolist()]
     assert torch.equal(pool[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_recurrent_decode_reads_strided_views_and_writes_out_in_place(backend):
+    """The layer's decode call as it makes it: q/k/v are column blocks of one [N, 3*H*K] conv
+    output, beta a column block of a wider projection, and the output is a slice of the layer's
+    buffer. The result equals the call on contiguous copies, lands in that buffer, and the Triton
+    kernel reads the views as they are (a copy there would be a kernel launch per tensor)."""
+    from kimi_kda.kda import fused_recurrent_kda
+    N, H, K = 5, 3, 32
+    (q, k, v, f, b), A_log, dt_bias, _ = make_raw(N, H, K, K, N=N, seed=7)
+    as_decode = lambda x: x.reshape(N, 1, *x.shape[2:])  # noqa: E731
+    q, k, v, f, b = (as_decode(x) for x in (q, k, v, f, b))
+    packed = torch.cat([x.reshape(N, H * K) for x in (q, k, v)], dim=1)  # the conv output
+    wide = torch.cat([torch.randn(N, 2), b.reshape(N, H), torch.randn(N, 4)], dim=1)
+    qs, ks, vs = (t.reshape(N, 1, H, K) for t in packed.split(H * K, dim=1))
+    bs = wide[:, 2:2 + H].reshape(N, 1, H)
+    assert not qs.is_contiguous() and not bs.is_contiguous()
+    slots = torch.tensor([3, 0, -1, 6, 1])
+    pool = torch.randn(8, H, K, K)
+    buf = torch.full((N + 2, H, K), 7.0)  # rows past N stay as they were
+    pool_a, pool_b = pool.clone(), pool.clone()
+    want, _ = fused_recurrent_kda(q, k, v, f, b, initial_state=pool_a, ssm_state_indices=slots,
+                                  A_log=A_log, dt_bias=dt_bias, backend=backend, **FUSED)
+    got, _ = fused_recurrent_kda(qs, ks, vs, f, bs, initial_state=pool_b, ssm_state_indices=slots,
+                                 A_log=A_log, dt_bias=dt_bias, backend=backend,
+                                 out=buf[:N].view(N, 1, H, K), **FUSED)
+    assert got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf[:N].view(N, 1, H, K), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pool_b, pool_a, rtol=1e-5, atol=1e-6)
+    assert (buf[N:] == 7.0).all()
+    if backend == "triton":
+        from kimi_kda.kda.triton_chunk import _token_rows
+        assert _token_rows(qs, N, 1).data_ptr() == qs.data_ptr()
+    with pytest.raises(ValueError, match="out must"):
+        fused_recurrent_kda(q, k, v, f, b, initial_state=pool.clone(), ssm_state_indices=slots,
+                            A_log=A_log, dt_bias=dt_bias, backend=backend,
+                            out=torch.empty(N, 2, H, K), **FUSED)

@@ -219,12 +219,13 @@ class KimiDeltaAttention(nn.Module, MambaBase):
         if nd:
             slots = idx[:nd]
             q, k, v = heads(causal_conv1d_update(qkv[:ndt], w, conv_state, slots), (ndt, 1))
-            o, _ = fused_recurrent_kda(q, k, v, f[:ndt].reshape(ndt, 1, H, D), b[:ndt].reshape(ndt, 1, H),
-                                       scale=D ** -0.5, initial_state=ssm_state,
-                                       use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                                       use_beta_sigmoid_in_kernel=True, A_log=self.A_log,
-                                       dt_bias=self.dt_bias, ssm_state_indices=slots)
-            out[:ndt] = o.reshape(ndt, H, D)
+            # q/k/v/b are strided views and the output goes straight into `out`: no copies
+            fused_recurrent_kda(q, k, v, f[:ndt].reshape(ndt, 1, H, D), b[:ndt].reshape(ndt, 1, H),
+                                scale=D ** -0.5, initial_state=ssm_state,
+                                use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                                use_beta_sigmoid_in_kernel=True, A_log=self.A_log,
+                                dt_bias=self.dt_bias, ssm_state_indices=slots,
+                                out=out[:ndt].view(ndt, 1, H, D))
         if npf:
             s, e = ndt, ndt + npt
             slots = idx[nd:nd + npf]

@@ -53,9 +53,11 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None,
                         backend=None, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
-                        A_log=None, dt_bias=None):
+                        A_log=None, dt_bias=None, out=None):
     """Token-by-token KDA, same arguments as `chunk_kda` (gate and beta sigmoid in the kernel
-    too). With `ssm_state_indices` [N],
+    too). `out` [B, T, H, V]: where the output goes (returned); the Triton kernel writes it
+    directly and reads q/k/v/beta through their token stride, so views of a layer's packed
+    projections cost no copies. With `ssm_state_indices` [N],
     `initial_state` is a state pool [num_slots, H, K, V]: row ssm_state_indices[n] is sequence n's
     state, read and updated in place; a negative index marks a padded entry, which is skipped
     (its output is 0 and no row is touched). Returns (o, pool) in that case."""
@@ -66,11 +68,17 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
     be = resolve_backend(q.device, backend)
     if be == "triton":
         from .triton_recurrent import fused_recurrent_kda_triton
-        return fused_recurrent_kda_triton(*args, **pre)
+        return fused_recurrent_kda_triton(*args, out=out, **pre)
     if be == "fla":
         from .fla_backend import fused_recurrent_kda_fla
-        return fused_recurrent_kda_fla(*args, **pre)
-    return fused_recurrent_kda_torch(*args, **pre)
+        o, state = fused_recurrent_kda_fla(*args, **pre)
+    else:
+        o, state = fused_recurrent_kda_torch(*args, **pre)
+    if out is None:
+        return o, state
+    if out.shape != o.shape:
+        raise ValueError(f"out must have the output's shape {tuple(o.shape)}, got {tuple(out.shape)}")
+    return out.copy_(o), state
 
 
 __all__ = ["chunk_kda", "fused_recurrent_kda", "kda_gate", "resolve_backend", "check_kda_args", "BACKENDS"]

@@ -4,6 +4,10 @@ One program owns one (sequence, head, V-block) tile of the state in registers fo
 sequence: the state is read once and written once, which is the bandwidth floor for decode.
 With a pool, the program reads and writes the pool row its slot index names, in place; a negative
 index (a padded batch entry) writes zero outputs and leaves the pool alone.
+
+Inputs are read, and the output written, through a token stride: the layer's q/k/v are views of
+its conv output and beta of its input GEMM's output, and the output can be the layer's own buffer,
+so a decode step makes no copies around the kernel (each a launch of its own in a decode step).
 """
 from __future__ import annotations
 
@@ -12,13 +16,13 @@ import triton
 import triton.language as tl
 
 from .args import check_kda_args
-from .triton_chunk import _softplus
+from .triton_chunk import _softplus, _token_rows
 
 
 @triton.jit
 def _recurrent_kda_kernel(
     q, k, v, g, beta, o, h0, ht, cu_seqlens, slot_indices, A_log, dt_bias,
-    scale, T, stride_pool_slot,
+    scale, T, stride_pool_slot, sq, sk, sv, sg, sb, so,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_POOL: tl.constexpr,
     L2NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr,
@@ -44,7 +48,7 @@ def _recurrent_kda_kernel(
         slot = tl.load(slot_indices + i_n).to(tl.int64)
         if slot < 0:
             for t in range(bos, eos):
-                tl.store(o + (t * H + i_h) * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty), mask=mask_v)
+                tl.store(o + t * so + i_h * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty), mask=mask_v)
             return
         p_state = h0 + slot * stride_pool_slot + state_off
         b_h = tl.load(p_state, mask=mask_h, other=0.0).to(tl.float32)
@@ -59,11 +63,11 @@ def _recurrent_kda_kernel(
         if HAS_BIAS:
             b_bias = tl.load(dt_bias + i_h * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
     for t in range(bos, eos):
-        b_q = tl.load(q + (t * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
-        b_k = tl.load(k + (t * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
-        b_g = tl.load(g + (t * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
-        b_v = tl.load(v + (t * H + i_h) * V + o_v, mask=mask_v, other=0.0).to(tl.float32)
-        b_beta = tl.load(beta + t * H + i_h).to(tl.float32)
+        b_q = tl.load(q + t * sq + i_h * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + t * sk + i_h * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
+        b_g = tl.load(g + t * sg + i_h * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + t * sv + i_h * V + o_v, mask=mask_v, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + t * sb + i_h).to(tl.float32)
         if GATE:
             b_g = -b_a * _softplus(b_g + b_bias)
         if BETA_SIGMOID:
@@ -75,7 +79,7 @@ def _recurrent_kda_kernel(
         b_vn = (b_v - tl.sum(b_h * b_k[:, None], 0)) * b_beta
         b_h += b_k[:, None] * b_vn[None, :]
         b_o = tl.sum(b_h * (b_q * scale)[:, None], 0)
-        tl.store(o + (t * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
+        tl.store(o + t * so + i_h * V + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
 
     if USE_POOL:
         tl.store(p_state, b_h.to(h0.dtype.element_ty), mask=mask_h)
@@ -86,17 +90,32 @@ def _recurrent_kda_kernel(
 def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None,
                                *, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None,
-                               dt_bias=None, block_v=None, num_warps=None):
+                               dt_bias=None, out=None, block_v=None, num_warps=None):
+    """`out` [B, T, H, V] (optional): written in place and returned, e.g. the layer's buffer;
+    its [H, V] row of each token must be contiguous (the token stride is free)."""
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices,
                                       A_log=A_log, dt_bias=dt_bias, use_gate_in_kernel=use_gate_in_kernel)
     scale = K ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    q, k, v, g = (_token_rows(x, B, T) for x in (q, k, v, g))
+    beta = beta.reshape(B * T, H)
+    if beta.stride(1) != 1 and H > 1:
+        beta = beta.contiguous()
     use_pool = ssm_state_indices is not None
     if use_pool and initial_state[0].stride() != (K * V, V, 1):
         raise ValueError("each row of the state pool must be a contiguous [H, K, V] block")
     if not use_pool and initial_state is not None:
         initial_state = initial_state.contiguous()
-    o = torch.empty_like(v)
+    if out is None:
+        out = v.new_empty(B, T, H, V)
+    elif out.shape != (B, T, H, V) or out.dtype != v.dtype:
+        raise ValueError(f"out must be a {v.dtype} tensor of shape {(B, T, H, V)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    try:
+        o = out.view(B * T, H, V)  # a view (never a copy): the kernel writes the caller's memory
+    except RuntimeError:
+        o = None
+    if o is None or o.stride(2) != 1 or (H > 1 and o.stride(1) != V):
+        raise ValueError("each token's [H, V] row of out must be contiguous")
     a_log = A_log.reshape(-1).contiguous() if use_gate_in_kernel else g   # (g: an unread stand-in)
     bias = dt_bias.reshape(-1).contiguous() if dt_bias is not None else g
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if (output_final_state and not use_pool) else None
@@ -107,6 +126,7 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
     _recurrent_kda_kernel[grid](
         q, k, v, g, beta, o, initial_state, ht, cu_seqlens, ssm_state_indices, a_log, bias,
         scale, T, initial_state.stride(0) if use_pool else 0,
+        q.stride(0), k.stride(0), v.stride(0), g.stride(0), beta.stride(0), o.stride(0),
         H=H, K=K, V=V, BK=BK, BV=BV,
         HAS_H0=initial_state is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None,
         USE_POOL=use_pool, L2NORM=use_qk_l2norm_in_kernel, GATE=use_gate_in_kernel,
@@ -114,5 +134,5 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
         num_warps=num_warps or 2,
     )
     if use_pool:
-        return o, initial_state
-    return o, ht
+        return out, initial_state
+    return out, ht
