@@ -15,14 +15,27 @@ a 32K context with 1, 16 and 64 concurrent requests (median TPOT), and one reque
 prompt tokens (its TTFT and TPOT; last, as it takes minutes). One warm-up round first, so no
 row pays for kernel compilation; the prefix cache is reset before every row and each row draws
 its own prompts. Every `vllm bench serve` JSON is kept in DIR.
+
+`--profile-decode` serves with vLLM's torch profiler configured (the same flags for both
+implementations) and, after the rows, records PROFILE_STEPS decode steps of one request at a 32K
+context: DIR/profile-IMPL.json sums the GPU kernels by name and by kind (GEMM, MoE, attention,
+KDA/conv, norm, ...), to say where one implementation's decode step spends more than the other's.
+`--keep-server` leaves the server running after the rows (its URL in DIR/server-IMPL.url) and a
+later `run` of the same implementation and DIR uses it instead of starting another (and leaves it
+running: `side_by_side_on_device.sh` stops it at the end of its call unless told to keep it): on
+a GPU machine whose calls are limited to minutes, a long row (the 1M one) can then go in its own
+call without a second start-up.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import random
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROWS = {  # name: (input tokens, output tokens, prompts, concurrency, the row's figures)
@@ -39,6 +52,18 @@ WARMUP = (8192, 32, 8, 8, ("median_tpot_ms",))  # compiles what the rows run, co
 # 1,048,576 (the published context) holds the 1M row; the other rows are the same at any length
 SERVE_ARGS = ["--load-format", "dummy", "--max-model-len", "1048576", "--gpu-memory-utilization", "0.92"]
 SERVED = "kimi-linear-48b-dummy"
+PROFILE_STEPS = 32
+KERNEL_KINDS = (  # (kind, name fragments): the first kind whose fragment a kernel's name has
+    # fla's and vLLM's KDA kernels by their names; ours (kimi_kda) by their kernel names
+    ("kda/conv", ("kda", "recurrent", "conv", "gated_delta", "chunk_", "_update_kernel", "_prefill_kernel",
+                  "_cumsum_kernel", "_diag_kernel", "_solve_kernel", "_wu_kernel", "_state_kernel",
+                  "_output_kernel")),
+    ("moe", ("moe", "expert", "topk", "grouped")),
+    ("attention", ("flash", "mla", "fmha", "attn")),
+    ("gemm", ("gemm", "gemv", "sm90", "cutlass", "nvjet", "cublas", "matmul", "splitk")),
+    ("norm", ("norm",)),
+    ("copy/fill", ("copy", "fill", "cat", "index", "elementwise", "vectorized")),
+)
 KEEP = ("input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms",
         "median_tpot_ms", "p99_tpot_ms", "completed", "failed", "total_input_tokens", "duration", "wall_s")
 
@@ -74,34 +99,133 @@ def bench(base: str, model_dir: Path, row: str, out: Path, impl: str, env: dict,
     return res
 
 
+def profiler_args(out: Path) -> list[str]:
+    """vLLM's torch profiler, configured but idle until /start_profile; traces under DIR/profile."""
+    cfg = {"profiler": "torch", "torch_profiler_dir": str((out / "profile").resolve()),
+           "torch_profiler_with_stack": False, "ignore_frontend": True}
+    return ["--profiler-config", json.dumps(cfg)]
+
+
+@contextmanager
+def _server(impl: str, model_dir: Path, serve_args: list[str], env: dict, out: Path, keep: bool):
+    """(base URL, start-up seconds or None when an earlier run's kept server is used)."""
+    from vllm_kimi_linear.tools.harness import vllm_serve
+
+    url = out / f"server-{impl}.url"
+    if url.exists():
+        base = url.read_text().strip()
+        try:
+            import requests
+            alive = requests.get(base + "/v1/models", timeout=5).status_code == 200
+        except Exception:
+            alive = False
+        if alive:
+            yield base, None
+            return
+        url.unlink()
+    t0 = time.time()
+    with vllm_serve(model_dir, SERVED, serve_args, env, out / f"server-{impl}.log", timeout=540,
+                    keep=keep) as base:
+        if keep:
+            url.write_text(base)
+        yield base, round(time.time() - t0, 1)
+
+
+def kernel_table(trace_dir: Path, steps: int) -> dict:
+    """The profiler's traces under `trace_dir` -> GPU kernel time by name and by KERNEL_KINDS,
+    per decode step (CPU ops instead where the trace has no GPU kernels: a CPU plumbing check)."""
+    events = []
+    for f in sorted(trace_dir.rglob("*.pt.trace.json*")):
+        opener = gzip.open if f.suffix == ".gz" else open
+        with opener(f, "rt") as fh:
+            events += json.load(fh).get("traceEvents", [])
+    cat = "kernel" if any(e.get("cat") == "kernel" for e in events) else "cpu_op"
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == cat and "dur" in e:
+            by_name.setdefault(e["name"], []).append(float(e["dur"]))
+    rows = sorted(((sum(d), len(d), n) for n, d in by_name.items()), reverse=True)
+    kinds: dict[str, float] = {}
+    for total, _, name in rows:
+        low = name.lower()
+        kind = next((k for k, frags in KERNEL_KINDS if any(x in low for x in frags)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + total / steps
+    return {"category": cat, "steps": steps, "traces": len(list(trace_dir.rglob("*.pt.trace.json*"))),
+            "us_per_step": round(sum(r[0] for r in rows) / steps, 1),
+            "launches_per_step": round(sum(r[1] for r in rows) / steps, 1),
+            "by_kind_us_per_step": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n[:160], "us_per_step": round(t / steps, 2), "calls_per_step": round(c / steps, 2)}
+                    for t, c, n in rows[:60]]}
+
+
+def profile_decode(base: str, out: Path, impl: str, scale: float = 1.0) -> dict:
+    """PROFILE_STEPS decode steps of one request at a 32K context (x scale), from its third token
+    on, through vLLM's /start_profile (max_iterations) and /stop_profile."""
+    import requests
+
+    requests.post(base + "/reset_prefix_cache", timeout=60).raise_for_status()
+    trace_dir = out / "profile"
+    for old in trace_dir.rglob("*.pt.trace.json*"):
+        old.unlink()
+    rng = random.Random(1234)
+    ids = [rng.randrange(16, 256) for _ in range(max(16, int(32768 * scale)))]
+    body = {"model": SERVED, "prompt": ids, "max_tokens": 3 * PROFILE_STEPS + 8, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    chunks = 0
+    with requests.post(base + "/v1/completions", json=body, stream=True, timeout=900) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                chunks += 1
+                if chunks == 2:  # the prompt is in: what follows are decode steps
+                    requests.post(base + "/start_profile", json={"max_iterations": PROFILE_STEPS},
+                                  timeout=120).raise_for_status()
+    requests.post(base + "/stop_profile", timeout=600).raise_for_status()
+    deadline = time.time() + 300  # the trace is written after the stop returns
+    while not list(trace_dir.rglob("*.pt.trace.json*")) and time.time() < deadline:
+        time.sleep(2)
+    time.sleep(5)
+    table = kernel_table(trace_dir, PROFILE_STEPS)
+    (out / f"profile-{impl}.json").write_text(json.dumps(table, indent=1))
+    return {k: table[k] for k in ("us_per_step", "launches_per_step", "by_kind_us_per_step")}
+
+
 def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, scale: float = 1.0,
-        serve_args: list[str] = SERVE_ARGS) -> None:
+        serve_args: list[str] = SERVE_ARGS, keep: bool = False, profile: bool = False) -> None:
     """`model_dir`/`scale`/`serve_args` other than the defaults: plumbing checks on a CPU only.
     Rows already in DIR/summary-IMPL.json are kept (a long list can be split over several runs)."""
     from vllm_kimi_linear.tools.builder import build_published_config
-    from vllm_kimi_linear.tools.harness import impl_env, scrape, vllm_serve
+    from vllm_kimi_linear.tools.harness import impl_env, scrape
 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = model_dir or build_published_config(out / "published-config")
+    serve_args = list(serve_args) + (profiler_args(out) if profile else [])
     env = impl_env(impl, VLLM_SERVER_DEV_MODE="1")  # the dev routes: /reset_prefix_cache
     path = out / f"summary-{impl}.json"
     summary = json.loads(path.read_text()) if path.exists() else {"impl": impl, "rows": {}}
     if summary.get("rows") and (summary.get("serve_args"), summary.get("scale")) != (serve_args, scale):
         raise SystemExit(f"{path} holds rows served with other flags or scale: use another --out")
     summary |= {"serve_args": serve_args, "scale": scale}
-    t0 = time.time()
-    with vllm_serve(model_dir, SERVED, serve_args, env, out / f"server-{impl}.log", timeout=540) as base:
-        summary["startup_s"] = round(time.time() - t0, 1)
+    with _server(impl, model_dir, serve_args, env, out, keep) as (base, startup_s):
         # the plugin, and only the plugin, adds the kimi_linear_* gauges: which one really served
         if ("kimi_linear_kda_slots_in_use" in scrape(base)) != (impl == "plugin"):
             raise SystemExit(f"the server did not run the {impl} implementation (is the plugin "
                              f"{'not ' if impl == 'plugin' else ''}installed?): see {out}/server-{impl}.log")
-        print(f"{impl}: ready after {summary['startup_s']} s", flush=True)
-        summary["warmup_wall_s"] = bench(base, model_dir, "warmup", out, impl, env, seed=0, scale=scale)["wall_s"]
-        for seed, row in enumerate(rows, start=1):
+        if startup_s is not None:  # a fresh server: warm it up (a kept one was warmed when started)
+            summary["startup_s"] = startup_s
+            print(f"{impl}: ready after {startup_s} s", flush=True)
+            summary["warmup_wall_s"] = bench(base, model_dir, "warmup", out, impl, env, seed=0, scale=scale)["wall_s"]
+        else:
+            print(f"{impl}: using the server kept at {base}", flush=True)
+        for row in rows:
+            seed = list(ROWS).index(row) + 1  # each row its own prompts, whichever call runs it
             res = bench(base, model_dir, row, out, impl, env, seed=seed, scale=scale)
             summary["rows"][row] = {k: res.get(k) for k in KEEP}
             print(impl, row, summary["rows"][row], flush=True)
+            path.write_text(json.dumps(summary, indent=1))
+        if profile:
+            summary["decode_profile"] = profile_decode(base, out, impl, scale)
+            print(impl, "decode profile", summary["decode_profile"], flush=True)
             path.write_text(json.dumps(summary, indent=1))
 
 
@@ -137,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model-dir", type=Path, help="(plumbing checks) serve this checkpoint instead")
     r.add_argument("--scale", type=float, default=1.0, help="(plumbing checks) x prompt lengths")
     r.add_argument("--serve-args", default=None, help="(plumbing checks) replace the serve flags")
+    r.add_argument("--profile-decode", action="store_true",
+                   help=f"serve with vLLM's torch profiler and record {PROFILE_STEPS} decode steps after the rows")
+    r.add_argument("--keep-server", action="store_true",
+                   help="leave the server running for a later run of the same implementation and DIR")
     rep = sub.add_parser("report")
     rep.add_argument("out", type=Path)
     a = ap.parse_args(argv)
@@ -148,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown rows {sorted(unknown)}: choose from {list(ROWS)}")
     run(a.impl, a.out, rows, a.model_dir, a.scale,
-        a.serve_args.split() if a.serve_args is not None else SERVE_ARGS)
+        a.serve_args.split() if a.serve_args is not None else SERVE_ARGS,
+        keep=a.keep_server, profile=a.profile_decode)
     return 0
 
 

@@ -1,33 +1,38 @@
 #!/usr/bin/env bash
 # loadtests/side_by_side.py on the lent H200, after ../shared/gpu-vllm/README.md's install step.
-#   loadtests/side_by_side_on_device.sh IMPL [ROWS]
-# IMPL: plugin or intree; ROWS: a comma list of side_by_side.ROWS (default all). The device returns
-# at most 8 files from $OUT, so the run writes under /tmp/sbs and $OUT gets the summary, the
-# server log and one tarball of every `vllm bench serve` JSON and log.
+#   loadtests/side_by_side_on_device.sh IMPL [ROWS] [more `side_by_side run` flags...]
+# IMPL: plugin or intree; ROWS: a comma list of side_by_side.ROWS ("" or all: every row).
+# Flags: --profile-decode (a kernel table of 32 decode steps after the rows), --keep-server (the
+# server stays up for the next call of the same IMPL, which then starts no other: e.g. the rows
+# in one call and the 1M row in the next, each inside a call's 10 minutes).
+# The device returns at most 8 files from $OUT, so the run writes under /tmp/sbs and $OUT gets the
+# summary, the server log, the decode profile and one tarball of every `vllm bench serve` JSON and log.
 set -uo pipefail
-impl="${1:?plugin or intree}"; rows="${2:-}"
-out="${OUT:-$PWD/sbs-results}"; mkdir -p "$out"
+impl="${1:?plugin or intree}"; rows="${2:-}"; shift $(( $# < 2 ? $# : 2 ))
+[ "$rows" = all ] && rows=""
+out="${OUT:-$PWD/sbs-results}"; mkdir -p "$out" /tmp/sbs
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 [ "$impl" = plugin ] && export PYTHONPATH=/tmp/site:/tmp/plugin
-# A server left by an earlier call (the harness starts it in its own process session, which
-# outlives a call stopped by its limit) would hold the GPU: stop it, and wait for the memory.
+# A server another call left holds the GPU (the harness starts it in its own process session,
+# which outlives a call stopped by its limit): keep it only if it is this IMPL's kept server.
 stop_servers() {
   pkill -9 -f "[v]llm.entrypoints.cli.main serve"; pkill -9 -f "[E]ngineCore"
+  rm -f /tmp/sbs/server-*.url
   for _ in $(seq 30); do
     [ "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits)" -lt 2000 ] && return
     sleep 2
   done
 }
-stop_servers
+[ -f "/tmp/sbs/server-$impl.url" ] || stop_servers
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 start=$(date +%s)
 # stop before the device call's own limit, so the rows measured so far still come back
 timeout -k 15 "${KIMI_SBS_TIME_LIMIT:-570}" python3 -m loadtests.side_by_side run --impl "$impl" \
-  --out /tmp/sbs ${rows:+--rows "$rows"} 2>&1 | tee "$out/sbs-$impl.log"
+  --out /tmp/sbs ${rows:+--rows "$rows"} "$@" 2>&1 | tee -a "$out/sbs-$impl.log"
 rc=${PIPESTATUS[0]}
 echo "side_by_side exit $rc after $(( $(date +%s) - start )) s" | tee -a "$out/sbs-$impl.log"
-cp /tmp/sbs/summary-"$impl".json "$out/" 2>/dev/null
+cp /tmp/sbs/summary-"$impl".json /tmp/sbs/profile-"$impl".json "$out/" 2>/dev/null
 cp /tmp/sbs/server-"$impl".log "$out/" 2>/dev/null
-tar czf "$out/bench-$impl.tgz" -C /tmp/sbs --exclude published-config --exclude 'server-*' . 2>/dev/null
-stop_servers
+tar czf "$out/bench-$impl.tgz" -C /tmp/sbs --exclude published-config --exclude profile --exclude 'server-*' . 2>/dev/null
+case " $* " in *" --keep-server "*) [ "$rc" = 0 ] || stop_servers ;; *) stop_servers ;; esac
 exit $rc

@@ -165,6 +165,47 @@ def test_cli_rejects_bad_arguments(capsys):
         cli.main(["--sweep", "1,x"])
 
 
+def test_side_by_side_report_and_kernel_table(tmp_path):
+    """The ratio table (faster = > 1 whichever way the figure points; the 1M row's two figures
+    each get a ratio; rows served with other flags refuse to compare) and the decode profile's
+    kernel table from a torch profiler trace (per step, by name and by kind)."""
+    import gzip
+
+    from loadtests import side_by_side as sbs
+
+    for impl, slow in (("plugin", 1.0), ("intree", 1.25)):
+        rows = {r: {"input_throughput": 1000 / slow, "median_tpot_ms": 4 * slow, "median_ttft_ms": 900 * slow}
+                for r in sbs.ROWS}
+        rows.pop("decode-32k-c16")
+        (tmp_path / f"summary-{impl}.json").write_text(json.dumps(
+            {"impl": impl, "rows": rows, "serve_args": sbs.SERVE_ARGS, "scale": 1.0}))
+    table = sbs.report(tmp_path)
+    ratios = json.loads((tmp_path / "ratios.json").read_text())
+    assert ratios["prefill-8k"] == ratios["decode-32k-c1"] == 1.25
+    assert ratios["1m median_ttft_ms"] == ratios["1m median_tpot_ms"] == 1.25
+    assert "decode-32k-c16" not in ratios and "| decode-32k-c16 | median_tpot_ms | None | None | not measured |" in table
+    (tmp_path / "summary-intree.json").write_text(json.dumps(
+        {"impl": "intree", "rows": {}, "serve_args": ["--enforce-eager"], "scale": 1.0}))
+    with pytest.raises(SystemExit, match="not comparable"):
+        sbs.report(tmp_path)
+
+    trace = {"traceEvents": [
+        {"cat": "kernel", "name": "_recurrent_kda_kernel", "dur": 6.0},
+        {"cat": "kernel", "name": "_recurrent_kda_kernel", "dur": 10.0},
+        {"cat": "kernel", "name": "nvjet_tst_128x64_gemm", "dur": 40.0},
+        {"cat": "kernel", "name": "fused_moe_kernel", "dur": 24.0},
+        {"cat": "kernel", "name": "void at::native::elementwise_kernel<copy>", "dur": 2.0},
+        {"cat": "cpu_op", "name": "aten::mm", "dur": 500.0},  # not a GPU kernel: not counted
+    ]}
+    (tmp_path / "profile" / "w").mkdir(parents=True)
+    with gzip.open(tmp_path / "profile" / "w" / "rank0.1.pt.trace.json.gz", "wt") as f:
+        json.dump(trace, f)
+    k = sbs.kernel_table(tmp_path / "profile", steps=2)
+    assert (k["category"], k["us_per_step"], k["launches_per_step"]) == ("kernel", 41.0, 2.5)
+    assert k["by_kind_us_per_step"] == {"gemm": 20.0, "moe": 12.0, "kda/conv": 8.0, "copy/fill": 1.0}
+    assert k["top"][0] == {"name": "nvjet_tst_128x64_gemm", "us_per_step": 20.0, "calls_per_step": 0.5}
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from vllm_kimi_linear.tools.builder import build_tiny_checkpoint

@@ -66,9 +66,10 @@ def server_env(**extra: str) -> dict:
 
 @contextmanager
 def running_process(cmd: list[str], env: dict, log_path: Path, ready: Callable[[], bool],
-                    timeout: float = 900, poll: float = 2.0) -> Iterator[subprocess.Popen]:
+                    timeout: float = 900, poll: float = 2.0, keep: bool = False) -> Iterator[subprocess.Popen]:
     """Start `cmd`, wait until `ready()` (ServerStartError with the log's tail if the process exits
-    or `timeout` passes), yield the process, then stop its whole process group."""
+    or `timeout` passes), yield the process, then stop its whole process group (`keep`: leave it
+    running when the block ends without an error, for a later process to use)."""
     log = open(log_path, "w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -77,6 +78,7 @@ def running_process(cmd: list[str], env: dict, log_path: Path, ready: Callable[[
         return Path(log_path).read_text()[-5000:]
 
     deadline = time.time() + timeout
+    done = False
     try:
         while True:
             if proc.poll() is not None:
@@ -90,8 +92,10 @@ def running_process(cmd: list[str], env: dict, log_path: Path, ready: Callable[[
                 raise ServerStartError(f"{cmd[0]} not ready after {timeout:.0f} s; log {log_path}:\n{tail()}")
             time.sleep(poll)
         yield proc
+        done = True
     finally:
-        _stop_group(proc)
+        if not (keep and done):
+            _stop_group(proc)
         log.close()
 
 
@@ -133,14 +137,15 @@ def impl_env(impl: str, **extra: str) -> dict:
 
 @contextmanager
 def vllm_serve(model_dir: Path, served_name: str, args: list[str], env: dict, log_path: Path,
-               timeout: float = 600) -> Iterator[str]:
+               timeout: float = 600, keep: bool = False) -> Iterator[str]:
     """`vllm serve model_dir` on a free local port (this Python's vLLM); yields the base URL
-    (no /v1) once /v1/models answers."""
+    (no /v1) once /v1/models answers; stopped afterwards unless `keep` (see running_process)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), *args]
-    with running_process(cmd, env, log_path, ready=lambda: _answers(base + "/v1/models"), timeout=timeout):
+    with running_process(cmd, env, log_path, ready=lambda: _answers(base + "/v1/models"), timeout=timeout,
+                         keep=keep):
         yield base
 
 
