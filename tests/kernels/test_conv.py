@@ -112,3 +112,31 @@ def test_prefill_on_transposed_bf16_state_with_padded_slot(backend):
         if idx[i] >= 0:
             torch.testing.assert_close(pool[idx[i]].t().float(), rstate.float())
     assert torch.equal(pool[[0, 1, 3, 4]], before[[0, 1, 3, 4]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_column_block_of_a_wider_tensor_is_read_in_place(backend):
+    """The layer's conv input is the q|k|v column block of its input GEMM's output (token stride
+    wider than dim): prefill and update give what they give on a contiguous copy, the output is
+    a dense [T, dim], and the Triton path reads the view without copying it first."""
+    dim, W = 24, 4
+    weight = torch.randn(dim, W)
+    wide = torch.randn(9, dim + 5)
+    x = wide[:, 2:2 + dim]
+    assert not x.is_contiguous()
+    pool_a, pool_b = torch.randn(3, dim, W - 1), None
+    pool_b = pool_a.clone()
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    slots, init = torch.tensor([2, 0]), torch.tensor([True, False])
+    got = causal_conv1d(x, weight, cu, pool_a, slots, init, backend=backend)
+    want = causal_conv1d(x.contiguous(), weight, cu, pool_b, slots, init, backend=backend)
+    assert got.shape == (9, dim) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(pool_a, pool_b, rtol=0, atol=0)
+    step = causal_conv1d_update(x[:2], weight, pool_a, slots, backend=backend)
+    step_want = causal_conv1d_update(x[:2].contiguous(), weight, pool_b, slots, backend=backend)
+    torch.testing.assert_close(step, step_want, rtol=0, atol=0)
+    torch.testing.assert_close(pool_a, pool_b, rtol=0, atol=0)
+    if backend == "triton":
+        from kimi_kda.conv.triton_conv import _rows
+        assert _rows(x).data_ptr() == x.data_ptr()

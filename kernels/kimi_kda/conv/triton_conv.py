@@ -27,7 +27,7 @@ def _act(y, SILU: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(x, w, out, cu, seq_of_token, states, slots, has_init, T, D,
-                    sx, ss0, ss1, ss2,
+                    sx, so, ss0, ss1, ss2,
                     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                     HAS_STATE: tl.constexpr, SILU: tl.constexpr):
     t = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -52,7 +52,7 @@ def _prefill_kernel(x, w, out, cu, seq_of_token, states, slots, has_init, T, D,
             xv += sv.to(tl.float32)
         wj = tl.load(w + d * W + j, mask=md, other=0.0).to(tl.float32)
         acc += xv * wj[None, :]
-    tl.store(out + t.to(tl.int64)[:, None] * sx + d[None, :],
+    tl.store(out + t.to(tl.int64)[:, None] * so + d[None, :],
              _act(acc, SILU).to(out.dtype.element_ty), mask=mt[:, None] & md[None, :])
 
 
@@ -84,14 +84,14 @@ def _save_state_kernel(x, cu, states, slots, has_init, D, sx, ss0, ss1, ss2,
 
 
 @triton.jit
-def _update_kernel(x, w, out, states, slots, D, sx, ss0, ss1, ss2,
+def _update_kernel(x, w, out, states, slots, D, sx, so, ss0, ss1, ss2,
                    W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, SILU: tl.constexpr):
     n = tl.program_id(0)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     md = d < D
     slot = tl.load(slots + n).to(tl.int64)
     if slot < 0:
-        tl.store(out + n * sx + d, tl.zeros([BD], dtype=out.dtype.element_ty), mask=md)
+        tl.store(out + n * so + d, tl.zeros([BD], dtype=out.dtype.element_ty), mask=md)
         return
     c = tl.arange(0, BW)
     mc = c < W - 1
@@ -103,9 +103,15 @@ def _update_kernel(x, w, out, states, slots, D, sx, ss0, ss1, ss2,
     w_old = tl.load(w + d[:, None] * W + c[None, :], mask=md[:, None] & mc[None, :], other=0.0)
     w_new = tl.load(w + d * W + (W - 1), mask=md, other=0.0).to(tl.float32)
     acc = tl.sum(old.to(tl.float32) * w_old.to(tl.float32), 1) + xn.to(tl.float32) * w_new
-    tl.store(out + n * sx + d, _act(acc, SILU).to(out.dtype.element_ty), mask=md)
+    tl.store(out + n * so + d, _act(acc, SILU).to(out.dtype.element_ty), mask=md)
     new = tl.where((c == W - 2)[None, :], xn[:, None].to(states.dtype.element_ty), nxt)
     tl.store(base + c[None, :] * ss2, new, mask=md[:, None] & mc[None, :])
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, dim] as the kernels read it: each token's row contiguous, the token stride free (the
+    layer's q|k|v columns of its input GEMM's output are read in place, not copied)."""
+    return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
 
 
 def _silu(activation) -> bool:
@@ -122,7 +128,7 @@ def causal_conv1d_triton(x, weight, cu_seqlens=None, conv_states=None, state_ind
     may be passed precomputed; otherwise it is derived on the device from `cu_seqlens`."""
     T, D = x.shape
     W = weight.shape[1]
-    x = x.contiguous()
+    x = _rows(x)
     weight = weight.contiguous()
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=x.device)
@@ -130,7 +136,7 @@ def causal_conv1d_triton(x, weight, cu_seqlens=None, conv_states=None, state_ind
         pos = torch.arange(T, device=x.device, dtype=cu_seqlens.dtype)
         seq_of_token = torch.searchsorted(cu_seqlens[1:], pos, right=True)
     n = cu_seqlens.numel() - 1
-    out = torch.empty_like(x)
+    out = x.new_empty(T, D)
     has_state = conv_states is not None
     if has_state:
         if has_initial_state is None:
@@ -144,7 +150,8 @@ def causal_conv1d_triton(x, weight, cu_seqlens=None, conv_states=None, state_ind
     if T:
         _prefill_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD))](
             x, weight, out, cu_seqlens, seq_of_token, conv_states, state_indices, has_initial_state,
-            T, D, x.stride(0), *strides, W=W, BT=BT, BD=BD, HAS_STATE=has_state, SILU=_silu(activation))
+            T, D, x.stride(0), out.stride(0), *strides, W=W, BT=BT, BD=BD, HAS_STATE=has_state,
+            SILU=_silu(activation))
     if has_state and n:
         _save_state_kernel[(n, triton.cdiv(D, BD))](
             x, cu_seqlens, conv_states, state_indices, has_initial_state, D, x.stride(0), *strides,
@@ -156,11 +163,12 @@ def causal_conv1d_update_triton(x, weight, conv_states, state_indices, activatio
     """Decode (see causal_conv1d.causal_conv1d_update)."""
     N, D = x.shape
     W = weight.shape[1]
-    x = x.contiguous()
-    out = torch.empty_like(x)
+    x = _rows(x)
+    out = x.new_empty(N, D)
     if N:
         BD = min(128, triton.next_power_of_2(D))
         _update_kernel[(N, triton.cdiv(D, BD))](
-            x, weight.contiguous(), out, conv_states, state_indices, D, x.stride(0), *conv_states.stride(),
+            x, weight.contiguous(), out, conv_states, state_indices, D, x.stride(0), out.stride(0),
+            *conv_states.stride(),
             W=W, BW=triton.next_power_of_2(max(W - 1, 1)), BD=BD, SILU=_silu(activation))
     return out
