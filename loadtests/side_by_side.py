@@ -223,7 +223,7 @@ def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, sc
             summary["rows"][row] = {k: res.get(k) for k in KEEP}
             print(impl, row, summary["rows"][row], flush=True)
             path.write_text(json.dumps(summary, indent=1))
-        if profile:
+        if profile and "decode_profile" not in summary:  # once per DIR (a kept server's later rows skip it)
             summary["decode_profile"] = profile_decode(base, out, impl, scale)
             print(impl, "decode profile", summary["decode_profile"], flush=True)
             path.write_text(json.dumps(summary, indent=1))
