@@ -11,7 +11,7 @@ MODEL = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 NODE = ("one node of 8 x H200 141 GB or 8 x H100 80 GB, tensor parallel 8 (capacity planner: "
         "14 resp. 7 concurrent 1,048,576-token requests)")
 SERVE = (f"vllm serve {MODEL} --served-model-name kimi-linear --tensor-parallel-size 8 "
-         "--max-model-len 1048576 --gpu-memory-utilization 0.92 --max-num-seqs 224 "
+         "--max-model-len 1048576 --gpu-memory-utilization 0.92 --max-num-seqs 216 "
          "--max-num-batched-tokens 8192")
 
 

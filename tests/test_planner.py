@@ -118,7 +118,7 @@ def test_cli_json_and_table(capsys):
     assert planner.main(["--gpu", "h100", "--pp", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["deploy"] == planner.asdict(planner.deploy_plan("h100", 8, 2))
-    assert out["hybrid"]["full_length_requests"] == out["deploy"]["full_context_requests"] == 14
+    assert out["hybrid"]["full_length_requests"] == out["deploy"]["full_context_requests"] == 13
     assert planner.main(["--deploy-table"]) == 0
     assert capsys.readouterr().out.strip() == planner.deploy_table()
 

@@ -40,8 +40,14 @@ from ..config import KimiLinearDims, validate_config
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
-# Memory the driver reports for the whole device (nvidia-smi "Total", MiB).
-GPUS = {"h100": 81559 * MiB, "h200": 143771 * MiB}
+# The device memory vLLM sizes against (torch.cuda.mem_get_info's total, a little under nvidia-smi's
+# "Total"): H200 139.8 GiB as vLLM logged it on a lent H200 (2026-12-03; nvidia-smi: 143,771 MiB);
+# H100 80 GB 79.1 GiB, PyTorch's "total capacity" for that card (nvidia-smi: 81,559 MiB).
+GPUS = {"h100": int(79.1 * GiB), "h200": int(139.8 * GiB)}
+# Per GPU beyond weights and KV cache: activations of one 8192-token step, CUDA graphs, NCCL and
+# non-torch memory. Measured on that H200 (published 48B config, TP 1, vLLM's defaults): 0.92 x
+# 139.8 GiB - 91.54 GiB of weights - 31.7 GiB "Available KV cache memory" = 5.4 GiB.
+OVERHEAD_GIB = 5.4
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 HYBRID_ALIGN = 128  # vLLM rounds a hybrid MLA model's block to a multiple of 128 tokens
 MLA_KERNEL_BLOCK = 16  # smallest MLA kernel block (CPU MLA; FlashMLA's 64 also divides 128)
@@ -165,13 +171,13 @@ def _stage_plan(dims, tp, layers, budget, max_model_len, dtype, prefix_caching):
 
 def plan(dims: KimiLinearDims, tp: int = 8, pp: int = 1, kv_budget_bytes: int | None = None,
          max_model_len: int = 1048576, dtype: str = "bfloat16", gpu_mem_bytes: int = 80 * GiB,
-         gpu_memory_utilization: float = 0.92, overhead_bytes: int = 4 * GiB,
+         gpu_memory_utilization: float = 0.92, overhead_bytes: int = int(OVERHEAD_GIB * GiB),
          model: str = "hybrid", prefix_caching: bool = True) -> Plan:
     """Capacity of one replica. kv_budget_bytes is the KV pool per GPU (vLLM's "Available KV cache
     memory", or VLLM_CPU_KVCACHE_SPACE on CPU); when None it is estimated as
     utilization x GPU memory - weights - overhead_bytes (activations of one step, CUDA graphs,
-    NCCL buffers: an assumption, 4 GiB by default; read the real figure from
-    vLLM's "Available KV cache memory" line and pass it as kv_budget_bytes)."""
+    NCCL buffers: OVERHEAD_GIB by default, measured at TP 1 on an H200; for other setups read the
+    real figure from vLLM's "Available KV cache memory" line and pass it as kv_budget_bytes)."""
     _check_args(dims, tp, pp, kv_budget_bytes, max_model_len, dtype, gpu_mem_bytes,
                 gpu_memory_utilization)
     if overhead_bytes < 0:
@@ -246,7 +252,7 @@ class DeployPlan:
 
 
 def deploy_plan(gpu: str = "h100", tp: int = 8, pp: int = 1, max_model_len: int = 1048576,
-                gpu_memory_utilization: float = 0.92, overhead_gib: float = 4.0,
+                gpu_memory_utilization: float = 0.92, overhead_gib: float = OVERHEAD_GIB,
                 typical_len: int = 32768, max_num_batched_tokens: int = 8192,
                 dims: KimiLinearDims | None = None) -> DeployPlan:
     """The stage that bounds capacity, on one GPU of a TP x PP replica.
@@ -319,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the GPU's memory (instead of --gpu-mem-gib), and print the deploy flags for it")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
-    ap.add_argument("--overhead-gib", type=float, default=4.0,
+    ap.add_argument("--overhead-gib", type=float, default=OVERHEAD_GIB,
                     help="activations/CUDA graphs/NCCL per GPU, subtracted when estimating")
     ap.add_argument("--kv-budget-gib", type=float, default=None, help="KV pool per GPU (overrides)")
     ap.add_argument("--max-model-len", type=int, default=1048576)
