@@ -7,6 +7,8 @@ over a batch of decodes followed by prefills, using our operators (vllm_kimi_lin
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -24,8 +26,13 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.third_party.flash_linear_attention.ops.kda import FusedRMSNormGated
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
+from vllm.logger import init_logger
+
 from ..config import KDADims, KimiLinearDims, model_dims
 from ..ops import causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda
+
+
+logger = init_logger("vllm.kimi_linear")  # under vLLM's logger: printed with its lines
 
 
 def kda_state_shape(vllm_config: VllmConfig, kda: KDADims | None = None):
@@ -116,6 +123,8 @@ def kda_packed_modules(quantized: bool) -> dict[str, list[str]]:
 
 
 class KimiDeltaAttention(nn.Module, MambaBase):
+    _profiled = False  # the profile-run prefill ran in this process (_profile_prefill)
+
     def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
@@ -203,22 +212,18 @@ class KimiDeltaAttention(nn.Module, MambaBase):
         md = get_forward_context().attn_metadata
         m = md.get(self.prefix) if isinstance(md, dict) else None
         if m is None:
+            self._profile_prefill(qkv, f, b)
             return
         H, D = self.heads, self.head_dim
-        conv_state, ssm_state = self.kv_cache
-        if not is_conv_state_dim_first():
-            conv_state = conv_state.transpose(-1, -2)  # (slots, 3HD, K-1) view for our conv ops
+        conv_state, ssm_state = self._state_views(*self.kv_cache)
         w = self.qkv_conv1d.weight
         idx = m.non_spec_state_indices_tensor
         nd, ndt, npf, npt = m.num_decodes, m.num_decode_tokens, m.num_prefills, m.num_prefill_tokens
 
-        def heads(x, shape):
-            return (t.reshape(*shape, H, D) for t in x.split(H * D, dim=-1))
-
         # Batches are ordered decodes first, then prefills (GDN metadata, reorder threshold 1).
         if nd:
             slots = idx[:nd]
-            q, k, v = heads(causal_conv1d_update(qkv[:ndt], w, conv_state, slots), (ndt, 1))
+            q, k, v = self._heads(causal_conv1d_update(qkv[:ndt], w, conv_state, slots), (ndt, 1))
             # q/k/v/b are strided views and the output goes straight into `out`: no copies
             fused_recurrent_kda(q, k, v, f[:ndt].reshape(ndt, 1, H, D), b[:ndt].reshape(ndt, 1, H),
                                 scale=D ** -0.5, initial_state=ssm_state,
@@ -228,18 +233,60 @@ class KimiDeltaAttention(nn.Module, MambaBase):
                                 out=out[:ndt].view(ndt, 1, H, D))
         if npf:
             s, e = ndt, ndt + npt
-            slots = idx[nd:nd + npf]
-            his = m.has_initial_state[nd:nd + npf]
-            layout = m.prefill_layout  # built once per step for every KDA layer (kda_metadata.py)
-            cu = layout.cu_seqlens
-            x = causal_conv1d(qkv[s:e], w, cu, conv_state, slots, his, seq_of_token=layout.seq_of_token)
-            q, k, v = heads(x, (1, npt))
-            # vLLM does not clear a slot on reuse: a new request must start from zeros.
-            init = torch.where(his.view(-1, 1, 1, 1), ssm_state[slots.long()].float(), 0.0)
-            o, final = chunk_kda(q, k, v, f[s:e].reshape(1, npt, H, D), b[s:e].reshape(1, npt, H),
-                                 scale=D ** -0.5, initial_state=init, output_final_state=True,
-                                 use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                                 use_beta_sigmoid_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
-                                 cu_seqlens=cu, chunk_layout=layout.chunk_layout)
-            ssm_state[slots.long()] = final.to(ssm_state.dtype)
-            out[s:e] = o.reshape(npt, H, D)
+            self._prefill(qkv[s:e], f[s:e], b[s:e], out[s:e], conv_state, ssm_state, idx[nd:nd + npf],
+                          m.has_initial_state[nd:nd + npf], m.prefill_layout)
+
+    def _heads(self, x, shape):
+        """q, k, v [*shape, H, D]: views of the conv output's three column blocks (no copies)."""
+        H, D = self.heads, self.head_dim
+        return (t.reshape(*shape, H, D) for t in x.split(H * D, dim=-1))
+
+    @staticmethod
+    def _state_views(conv_state, ssm_state):
+        if not is_conv_state_dim_first():
+            conv_state = conv_state.transpose(-1, -2)  # (slots, 3HD, K-1) view for our conv ops
+        return conv_state, ssm_state
+
+    def _prefill(self, qkv, f, b, out, conv_state, ssm_state, slots, has_initial_state, layout) -> None:
+        """Packed prefill sequences (bounds in `layout`, built once per step for every KDA layer,
+        kda_metadata.py), each from its slot's state where `has_initial_state`, else from zeros;
+        writes `out` [T, H, D] and the slots' conv and recurrent states."""
+        T, H, D = qkv.shape[0], self.heads, self.head_dim
+        cu = layout.cu_seqlens
+        x = causal_conv1d(qkv, self.qkv_conv1d.weight, cu, conv_state, slots, has_initial_state,
+                          seq_of_token=layout.seq_of_token)
+        q, k, v = self._heads(x, (1, T))
+        # vLLM does not clear a slot on reuse: a new request must start from zeros.
+        init = torch.where(has_initial_state.view(-1, 1, 1, 1), ssm_state[slots.long()].float(), 0.0)
+        o, final = chunk_kda(q, k, v, f.reshape(1, T, H, D), b.reshape(1, T, H),
+                             scale=D ** -0.5, initial_state=init, output_final_state=True,
+                             use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                             use_beta_sigmoid_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+                             cu_seqlens=cu, chunk_layout=layout.chunk_layout)
+        ssm_state[slots.long()] = final.to(ssm_state.dtype)
+        out.copy_(o.reshape(T, H, D))
+
+    def _profile_prefill(self, qkv, f, b) -> None:
+        """vLLM's profile run (a forward without metadata) skips every KDA layer. Once per process,
+        run the prefill over its tokens as one new sequence into scratch state slots shaped as
+        the real ones: our Triton kernels compile now, not at the first request (as vLLM warms
+        its own GDN kernels), and the prefill's intermediates count in the activation peak vLLM
+        sizes the KV cache by. The layer's output stays zero, as a dummy run expects."""
+        if KimiDeltaAttention._profiled or qkv.shape[0] == 0 or (
+                qkv.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        KimiDeltaAttention._profiled = True
+        from ..kda_metadata import PrefillLayout
+
+        T, dev = qkv.shape[0], qkv.device
+        (conv_shape, ssm_shape), (conv_dtype, ssm_dtype) = (kda_state_shape(self.vllm_config, self.dims),
+                                                            kda_state_dtype(self.vllm_config))
+        conv_state, ssm_state = self._state_views(torch.zeros(1, *conv_shape, dtype=conv_dtype, device=dev),
+                                                  torch.zeros(1, *ssm_shape, dtype=ssm_dtype, device=dev))
+        slot = torch.zeros(1, dtype=torch.int32, device=dev)
+        t0 = time.perf_counter()
+        self._prefill(qkv, f, b, torch.empty(T, self.heads, self.head_dim, dtype=qkv.dtype, device=dev),
+                      conv_state, ssm_state, slot, torch.zeros(1, dtype=torch.bool, device=dev),
+                      PrefillLayout.build([0, T], dev))
+        logger.info("KDA prefill run once in the profile run (%d tokens, %.1f s): kernels compiled, "
+                    "its memory profiled", T, time.perf_counter() - t0)
