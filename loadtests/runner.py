@@ -76,7 +76,8 @@ async def send_one(client, model: str, p: Planned, run_t0: float, workload: Work
             if chunk.choices:
                 if rec.ttft is None:
                     rec.ttft = now - t0
-                if chunk.choices[0].delta.role is None:  # a token (vLLM sends one chunk per step)
+                # a token: vLLM streams one chunk per step, a busy server sometimes several tokens in one
+                if chunk.choices[0].delta.role is None:
                     if last is not None:
                         rec.itl.append(now - last)
                     last = now

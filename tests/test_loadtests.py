@@ -333,7 +333,9 @@ def check_result(result: dict, out: Path):
             c = pt["classes"][r["cls"]]
             assert r["prompt_tokens"] == r["prompt_tokens_expected"] == c["input_tokens"]
             assert r["completion_tokens"] == c["output_tokens"]  # ignore_eos: exactly max_tokens
-            assert len(r["chunk_times"]) == r["completion_tokens"]  # one streamed chunk per token
+            # a streamed chunk per token, or fewer: a busy vLLM server puts several tokens in one
+            # chunk (seen in CI: 17 chunks for 20 tokens next to 8K-token prefills)
+            assert 1 <= len(r["chunk_times"]) <= r["completion_tokens"]
             assert 0 < r["ttft"] <= r["e2e"] and r["tpot"] > 0
             by_class[r["cls"]] = by_class.get(r["cls"], 0) + 1
         assert by_class == {k: v["requests"] for k, v in pt["classes"].items() if v["requests"]}
