@@ -109,15 +109,14 @@ def profiler_args(out: Path) -> list[str]:
 @contextmanager
 def _server(impl: str, model_dir: Path, serve_args: list[str], env: dict, out: Path, keep: bool):
     """(base URL, start-up seconds or None when an earlier run's kept server is used)."""
-    from vllm_kimi_linear.tools.harness import vllm_serve
+    from vllm_kimi_linear.tools.harness import answers, vllm_serve
 
     url = out / f"server-{impl}.url"
     if url.exists():
         base = url.read_text().strip()
         try:
-            import requests
-            alive = requests.get(base + "/v1/models", timeout=5).status_code == 200
-        except Exception:
+            alive = answers(base + "/v1/models")
+        except OSError:  # nothing listens there any more
             alive = False
         if alive:
             yield base, None

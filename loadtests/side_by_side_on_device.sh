@@ -13,8 +13,9 @@ impl="${1:?plugin or intree}"; rows="${2:-}"; shift $(( $# < 2 ? $# : 2 ))
 out="${OUT:-$PWD/sbs-results}"; mkdir -p "$out" /tmp/sbs
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 [ "$impl" = plugin ] && export PYTHONPATH=/tmp/site:/tmp/plugin
-# A server another call left holds the GPU (the harness starts it in its own process session,
-# which outlives a call stopped by its limit): keep it only if it is this IMPL's kept server.
+# A server another call left holds the GPU: a kept one, or one whose run was killed outright (the
+# harness stops its servers on SIGTERM, which `timeout` sends, not on SIGKILL). Keep it only if it
+# is this IMPL's kept server.
 stop_servers() {
   pkill -9 -f "[v]llm.entrypoints.cli.main serve"; pkill -9 -f "[E]ngineCore"
   rm -f /tmp/sbs/server-*.url

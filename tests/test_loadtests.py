@@ -206,6 +206,41 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
     assert k["top"][0] == {"name": "nvjet_tst_128x64_gemm", "us_per_step": 20.0, "calls_per_step": 0.5}
 
 
+def test_a_run_ended_by_sigterm_stops_its_servers(tmp_path):
+    """`timeout` (and a device call's limit) ends a run with SIGTERM. The harness starts each server
+    in its own process session, so unless the run turns SIGTERM into an orderly exit, the server
+    outlives it (on the GPU machine one held the GPU into the next call)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from vllm_kimi_linear.tools.harness import running_process, server_env\n"
+        "cmd = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
+        f"with running_process(cmd, server_env(), Path({str(tmp_path / 'server.log')!r}), ready=lambda: True) as p:\n"
+        "    print(p.pid, flush=True)\n"
+        "    time.sleep(600)\n")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+    server_pid = int(run.stdout.readline())
+    os.killpg(server_pid, 0)  # the "server" runs, in its own process group
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(server_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(server_pid, signal.SIGKILL)
+    pytest.fail("the server outlived the run that SIGTERM ended")
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from vllm_kimi_linear.tools.builder import build_tiny_checkpoint

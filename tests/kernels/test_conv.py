@@ -138,5 +138,5 @@ def test_column_block_of_a_wider_tensor_is_read_in_place(backend):
     torch.testing.assert_close(step, step_want, rtol=0, atol=0)
     torch.testing.assert_close(pool_a, pool_b, rtol=0, atol=0)
     if backend == "triton":
-        from kimi_kda.conv.triton_conv import _rows
-        assert _rows(x).data_ptr() == x.data_ptr()
+        from kimi_kda.rows import token_rows
+        assert token_rows(x, x.shape[0]).data_ptr() == x.data_ptr()

@@ -109,8 +109,8 @@ def test_fused_triton_layer_call():
     qkv = torch.cat([x.reshape(T, H * D) for x in (q, k, v)], -1)     # the conv output
     qs, ks, vs = (x.view(1, T, H, D) for x in qkv.split(H * D, dim=-1))
     assert qs.stride(1) == 3 * H * D and not qs.is_contiguous()
-    from kimi_kda.kda.triton_chunk import _token_rows
-    assert _token_rows(qs, 1, T).data_ptr() == qs.data_ptr()  # used as is, not copied
+    from kimi_kda.rows import token_rows
+    assert token_rows(qs, T).data_ptr() == qs.data_ptr()  # used as is, not copied
     layout = tuple(torch.tensor(x, dtype=torch.int32) for x in chunk_layout_host(list(zip(cu[:-1].tolist(),
                                                                                        cu[1:].tolist()))))
     o, s = chunk_kda(qs, ks, vs, f, b, scale=D ** -0.5, initial_state=h0, output_final_state=True,
@@ -254,8 +254,8 @@ def test_fused_recurrent_decode_reads_strided_views_and_writes_out_in_place(back
     torch.testing.assert_close(pool_b, pool_a, rtol=1e-5, atol=1e-6)
     assert (buf[N:] == 7.0).all()
     if backend == "triton":
-        from kimi_kda.kda.triton_chunk import _token_rows
-        assert _token_rows(qs, N, 1).data_ptr() == qs.data_ptr()
+        from kimi_kda.rows import token_rows
+        assert token_rows(qs, N).data_ptr() == qs.data_ptr() and token_rows(bs, N).data_ptr() == bs.data_ptr()
     with pytest.raises(ValueError, match="out must"):
         fused_recurrent_kda(q, k, v, f, b, initial_state=pool.clone(), ssm_state_indices=slots,
                             A_log=A_log, dt_bias=dt_bias, backend=backend,

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -64,12 +65,23 @@ def server_env(**extra: str) -> dict:
     return env
 
 
+def _exit_on_sigterm() -> None:
+    """`timeout`, and a device call's time limit, end a run with SIGTERM, whose default kills
+    Python without running `finally`: a server started in its own process session would outlive
+    the run and hold the GPU. So SIGTERM becomes SystemExit (in the main thread, where no one else
+    handles it), and running_process stops its servers on the way out."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 @contextmanager
 def running_process(cmd: list[str], env: dict, log_path: Path, ready: Callable[[], bool],
                     timeout: float = 900, poll: float = 2.0, keep: bool = False) -> Iterator[subprocess.Popen]:
     """Start `cmd`, wait until `ready()` (ServerStartError with the log's tail if the process exits
     or `timeout` passes), yield the process, then stop its whole process group (`keep`: leave it
     running when the block ends without an error, for a later process to use)."""
+    _exit_on_sigterm()
     log = open(log_path, "w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -114,7 +126,8 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether `url` answers 200 now (raises while nothing listens: callers poll or catch)."""
     with urllib.request.urlopen(url, timeout=2) as r:
         return r.status == 200
 
@@ -144,7 +157,7 @@ def vllm_serve(model_dir: Path, served_name: str, args: list[str], env: dict, lo
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), *args]
-    with running_process(cmd, env, log_path, ready=lambda: _answers(base + "/v1/models"), timeout=timeout,
+    with running_process(cmd, env, log_path, ready=lambda: answers(base + "/v1/models"), timeout=timeout,
                          keep=keep):
         yield base
 
@@ -166,7 +179,7 @@ def cpu_server(model_dir: Path, name: str, args: list[str], log_path: Path, kv_c
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
     base = f"http://127.0.0.1:{port}/v1"
     with running_process([_serve_script(), "--served-model-name", name, *args], env, log_path,
-                         ready=lambda: _answers(base + "/models"), timeout=timeout):
+                         ready=lambda: answers(base + "/models"), timeout=timeout):
         try:
             yield base
         except BaseException:  # a failed measurement: show what the server said

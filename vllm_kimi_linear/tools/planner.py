@@ -42,7 +42,7 @@ GiB = 1024 ** 3
 MiB = 1024 ** 2
 # The device memory vLLM sizes against (torch.cuda.mem_get_info's total, a little under nvidia-smi's
 # "Total"): H200 139.8 GiB as vLLM logged it on a lent H200 (2026-12-03; nvidia-smi: 143,771 MiB);
-# H100 80 GB 79.1 GiB, PyTorch's "total capacity" for that card (nvidia-smi: 81,559 MiB).
+# H100 80 GB 79.1 GiB, what PyTorch reports for that card (not measured here; nvidia-smi: 81,559 MiB).
 GPUS = {"h100": int(79.1 * GiB), "h200": int(139.8 * GiB)}
 # Per GPU beyond weights and KV cache: activations of one 8192-token step, CUDA graphs, NCCL and
 # non-torch memory. Measured on that H200 (published 48B config, TP 1, vLLM's defaults): 0.92 x

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rows import token_rows
+
 
 @triton.jit
 def _act(y, SILU: tl.constexpr):
@@ -108,12 +110,6 @@ def _update_kernel(x, w, out, states, slots, D, sx, so, ss0, ss1, ss2,
     tl.store(base + c[None, :] * ss2, new, mask=md[:, None] & mc[None, :])
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x [T, dim] as the kernels read it: each token's row contiguous, the token stride free (the
-    layer's q|k|v columns of its input GEMM's output are read in place, not copied)."""
-    return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
-
-
 def _silu(activation) -> bool:
     if activation in ("silu", "swish"):
         return True
@@ -128,7 +124,7 @@ def causal_conv1d_triton(x, weight, cu_seqlens=None, conv_states=None, state_ind
     may be passed precomputed; otherwise it is derived on the device from `cu_seqlens`."""
     T, D = x.shape
     W = weight.shape[1]
-    x = _rows(x)
+    x = token_rows(x, T)
     weight = weight.contiguous()
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=x.device)
@@ -163,7 +159,7 @@ def causal_conv1d_update_triton(x, weight, conv_states, state_indices, activatio
     """Decode (see causal_conv1d.causal_conv1d_update)."""
     N, D = x.shape
     W = weight.shape[1]
-    x = _rows(x)
+    x = token_rows(x, N)
     out = x.new_empty(N, D)
     if N:
         BD = min(128, triton.next_power_of_2(D))

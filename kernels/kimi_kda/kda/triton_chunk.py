@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rows import token_rows
 from .args import check_kda_args, chunk_layout_host, seq_bounds
 
 BT = 64   # chunk
@@ -458,15 +459,6 @@ DEFAULTS = dict(cumsum_bk=64, cumsum_warps=4, diag_bh=2, diag_warps=1, solve_bk=
                 out_warps=4, state_bv=32, state_stages=4)
 
 
-def _token_rows(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """[B, T, H, D] -> [B*T, H, D] whose [H, D] row of each token is contiguous; the token stride
-    is free (a view of the layer's [T, 3HK] conv output is used as is, not copied)."""
-    x = x.reshape(B * T, *x.shape[2:])
-    if x.stride(2) != 1 or (x.shape[1] > 1 and x.stride(1) != x.shape[2]):
-        x = x.contiguous()
-    return x
-
-
 def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, chunk_layout=None,
                      use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None, dt_bias=None,
@@ -486,7 +478,7 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, A_log=A_log,
                                       dt_bias=dt_bias, use_gate_in_kernel=use_gate_in_kernel)
     scale = K ** -0.5 if scale is None else scale
-    q, k, v = (_token_rows(x, B, T) for x in (q, k, v))
+    q, k, v = (token_rows(x, B * T) for x in (q, k, v))
     g, beta = (x.reshape(B * T, *x.shape[2:]).contiguous() for x in (g, beta))
     total = B * T
     if chunk_layout is None:

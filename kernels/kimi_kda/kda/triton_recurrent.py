@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rows import token_rows
 from .args import check_kda_args
-from .triton_chunk import _softplus, _token_rows
+from .triton_chunk import _softplus
 
 
 @triton.jit
@@ -96,10 +97,7 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices,
                                       A_log=A_log, dt_bias=dt_bias, use_gate_in_kernel=use_gate_in_kernel)
     scale = K ** -0.5 if scale is None else scale
-    q, k, v, g = (_token_rows(x, B, T) for x in (q, k, v, g))
-    beta = beta.reshape(B * T, H)
-    if beta.stride(1) != 1 and H > 1:
-        beta = beta.contiguous()
+    q, k, v, g, beta = (token_rows(x, B * T) for x in (q, k, v, g, beta))
     use_pool = ssm_state_indices is not None
     if use_pool and initial_state[0].stride() != (K * V, V, 1):
         raise ValueError("each row of the state pool must be a contiguous [H, K, V] block")
@@ -110,11 +108,8 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
     elif out.shape != (B, T, H, V) or out.dtype != v.dtype:
         raise ValueError(f"out must be a {v.dtype} tensor of shape {(B, T, H, V)}, "
                          f"got {out.dtype} {tuple(out.shape)}")
-    try:
-        o = out.view(B * T, H, V)  # a view (never a copy): the kernel writes the caller's memory
-    except RuntimeError:
-        o = None
-    if o is None or o.stride(2) != 1 or (H > 1 and o.stride(1) != V):
+    o = token_rows(out, B * T)
+    if o.data_ptr() != out.data_ptr():  # a copy: the kernel would not write the caller's memory
         raise ValueError("each token's [H, V] row of out must be contiguous")
     a_log = A_log.reshape(-1).contiguous() if use_gate_in_kernel else g   # (g: an unread stand-in)
     bias = dt_bias.reshape(-1).contiguous() if dt_bias is not None else g
