@@ -132,9 +132,12 @@ def _server(impl: str, model_dir: Path, serve_args: list[str], env: dict, out: P
 
 def kernel_table(trace_dir: Path, steps: int) -> dict:
     """The profiler's traces under `trace_dir` -> GPU kernel time by name and by KERNEL_KINDS,
-    per decode step (CPU ops instead where the trace has no GPU kernels: a CPU plumbing check)."""
+    divided by `steps` (CPU ops instead where the trace has no GPU kernels: a CPU plumbing check).
+    `steps` is the max_iterations asked of vLLM's profiler, which may record one step more: read
+    the figures as per step to a few percent, and compare implementations profiled alike."""
+    files = sorted(trace_dir.rglob("*.pt.trace.json*"))
     events = []
-    for f in sorted(trace_dir.rglob("*.pt.trace.json*")):
+    for f in files:
         opener = gzip.open if f.suffix == ".gz" else open
         with opener(f, "rt") as fh:
             events += json.load(fh).get("traceEvents", [])
@@ -149,7 +152,7 @@ def kernel_table(trace_dir: Path, steps: int) -> dict:
         low = name.lower()
         kind = next((k for k, frags in KERNEL_KINDS if any(x in low for x in frags)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + total / steps
-    return {"category": cat, "steps": steps, "traces": len(list(trace_dir.rglob("*.pt.trace.json*"))),
+    return {"category": cat, "steps": steps, "traces": len(files),
             "us_per_step": round(sum(r[0] for r in rows) / steps, 1),
             "launches_per_step": round(sum(r[1] for r in rows) / steps, 1),
             "by_kind_us_per_step": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},

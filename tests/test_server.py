@@ -72,7 +72,7 @@ def test_state_route_and_metrics_follow_the_requests(client, server):
     assert layout["kda_slot_bytes"] > 0 and layout["mla_bytes_per_token"] == (512 + 64) * 4
     long_messages = [{"role": "user", "content": "tide pools and kelp " * 150}]
     # long enough to look while the request holds its state (no early end-of-sequence: the
-    # gauges are read after the first chunk, the request then has hundreds of steps to go)
+    # gauges are read during its first chunks, the request then has hundreds of steps to go)
     stream = client.chat.completions.create(model=SERVED_NAME, messages=long_messages, max_tokens=600,
                                             temperature=0, stream=True, extra_body={"ignore_eos": True})
     # read while it streams: the first chunk can come before the scheduler has placed the request

@@ -37,7 +37,7 @@ def checkpoints(tmp_path_factory):
     return {"fp8": fp8, "twin": dequantized_checkpoint(fp8, root / "twin")}
 
 
-def _served_logprobs(name: str, model_dir, tmp_path) -> torch.Tensor:
+def _served_logprobs(name: str, model_dir) -> torch.Tensor:
     from tests.gpu.gpu_util import RESULTS
     log = RESULTS / f"server-{IMPL}-{name}.log"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -48,11 +48,11 @@ def _served_logprobs(name: str, model_dir, tmp_path) -> torch.Tensor:
         return torch.cat([prompt_logprobs(s, prompt(n, salt=n))[0] for n in LENGTHS])
 
 
-def test_fp8_checkpoint_logprobs_close_to_the_bf16_model(checkpoints, tmp_path):
+def test_fp8_checkpoint_logprobs_close_to_the_bf16_model(checkpoints):
     refs = References(checkpoints["twin"])
     exact = torch.cat([refs.prompt_logprobs(prompt(n, salt=n))["ref"] for n in LENGTHS])
-    bf16 = diff_stats(_served_logprobs("fp8-twin-bf16", checkpoints["twin"], tmp_path), exact)
-    fp8 = diff_stats(_served_logprobs("fp8", checkpoints["fp8"], tmp_path), exact)
+    bf16 = diff_stats(_served_logprobs("fp8-twin-bf16", checkpoints["twin"]), exact)
+    fp8 = diff_stats(_served_logprobs("fp8", checkpoints["fp8"]), exact)
     record("fp8", "fp8_vs_bf16_twin", lengths=list(LENGTHS), fp8=fp8, bf16=bf16,
            factor=FP8_FACTOR)
     assert fp8["median"] <= FP8_FACTOR * bf16["median"] + 0.05, (fp8, bf16)
