@@ -147,6 +147,8 @@ def kernel_table(trace_dir: Path, steps: int) -> dict:
         if e.get("cat") == cat and "dur" in e:
             by_name.setdefault(e["name"], []).append(float(e["dur"]))
     rows = sorted(((sum(d), len(d), n) for n, d in by_name.items()), reverse=True)
+    busy = gpu_busy([(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
+                     if e.get("cat") == "kernel" and "ts" in e and "dur" in e])
     kinds: dict[str, float] = {}
     for total, _, name in rows:
         low = name.lower()
@@ -155,9 +157,27 @@ def kernel_table(trace_dir: Path, steps: int) -> dict:
     return {"category": cat, "steps": steps, "traces": len(files),
             "us_per_step": round(sum(r[0] for r in rows) / steps, 1),
             "launches_per_step": round(sum(r[1] for r in rows) / steps, 1),
+            **({"gpu_span_us_per_step": round(busy[0] / steps, 1), "gpu_busy_fraction": round(busy[1], 3)}
+               if busy else {}),
             "by_kind_us_per_step": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [{"name": n[:160], "us_per_step": round(t / steps, 2), "calls_per_step": round(c / steps, 2)}
                     for t, c, n in rows[:60]]}
+
+
+def gpu_busy(intervals: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(first kernel start to last kernel end, the share of it some kernel runs): a step whose
+    kernels leave the GPU idle much of the time is bound by the host, not by its kernels."""
+    if not intervals:
+        return None
+    intervals.sort()
+    covered, (lo, hi) = 0.0, intervals[0]
+    for a, b in intervals[1:]:
+        if a > hi:
+            covered, lo = covered + hi - lo, a
+        hi = max(hi, b)
+    covered += hi - lo
+    span = max(b for _, b in intervals) - intervals[0][0]
+    return span, (covered / span if span else 1.0)
 
 
 def profile_decode(base: str, out: Path, impl: str, scale: float = 1.0) -> dict:
@@ -189,7 +209,8 @@ def profile_decode(base: str, out: Path, impl: str, scale: float = 1.0) -> dict:
     time.sleep(5)
     table = kernel_table(trace_dir, PROFILE_STEPS)
     (out / f"profile-{impl}.json").write_text(json.dumps(table, indent=1))
-    return {k: table[k] for k in ("us_per_step", "launches_per_step", "by_kind_us_per_step")}
+    return {k: table[k] for k in ("us_per_step", "launches_per_step", "gpu_span_us_per_step",
+                                  "gpu_busy_fraction", "by_kind_us_per_step") if k in table}
 
 
 def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, scale: float = 1.0,

@@ -6,7 +6,8 @@
 # server stays up for the next call of the same IMPL, which then starts no other: e.g. the rows
 # in one call and the 1M row in the next, each inside a call's 10 minutes).
 # The device returns at most 8 files from $OUT, so the run writes under /tmp/sbs and $OUT gets the
-# summary, the server log, the decode profile and one tarball of every `vllm bench serve` JSON and log.
+# summary, the server log, the decode profile (table and raw traces) and one tarball of every
+# `vllm bench serve` JSON and log.
 set -uo pipefail
 impl="${1:?plugin or intree}"; rows="${2:-}"; shift $(( $# < 2 ? $# : 2 ))
 [ "$rows" = all ] && rows=""
@@ -34,6 +35,11 @@ rc=${PIPESTATUS[0]}
 echo "side_by_side exit $rc after $(( $(date +%s) - start )) s" | tee -a "$out/sbs-$impl.log"
 cp /tmp/sbs/summary-"$impl".json /tmp/sbs/profile-"$impl".json "$out/" 2>/dev/null
 cp /tmp/sbs/server-"$impl".log "$out/" 2>/dev/null
+# the decode profile's raw traces too (host gaps, per-step timelines), where they fit a returned file
+if [ -d /tmp/sbs/profile ]; then
+  tar czf "$out/profile-$impl-traces.tgz" -C /tmp/sbs profile 2>/dev/null
+  [ "$(stat -c %s "$out/profile-$impl-traces.tgz" 2>/dev/null || echo 0)" -lt 15000000 ] || rm -f "$out/profile-$impl-traces.tgz"
+fi
 tar czf "$out/bench-$impl.tgz" -C /tmp/sbs --exclude published-config --exclude profile --exclude 'server-*' . 2>/dev/null
 case " $* " in *" --keep-server "*) [ "$rc" = 0 ] || stop_servers ;; *) stop_servers ;; esac
 exit $rc

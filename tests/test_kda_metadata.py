@@ -31,3 +31,49 @@ def test_prefill_layout_matches_what_the_kernels_derive():
     y1 = causal_conv1d(x, w, cu, p1, slots, init, backend="triton", seq_of_token=lay.seq_of_token)
     y2 = causal_conv1d(x, w, cu, p2, slots, init, backend="triton")
     assert torch.equal(y1, y2) and torch.equal(p1, p2)
+
+
+def _common(block_table, query_lens, seq_lens):
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    qsl = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        num_reqs=len(query_lens), num_actual_tokens=int(qsl[-1]), max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens), seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table_tensor=block_table,
+        slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64))
+
+
+def test_a_second_kda_group_reuses_the_first_groups_metadata(tiny_model_dir):
+    """vLLM's GPU runner builds a step's metadata for the first KV cache group of KDA layers and
+    hands it to the others through update_block_table (the builder opts in on CUDA): what a later
+    group gets that way must equal what building it would give, prefill layout included."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    from vllm_kimi_linear.kda_metadata import KDAMetadata, KDAMetadataBuilder
+    from vllm_kimi_linear.layers.kda import kda_state_dtype, kda_state_shape
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+    # (without prefix caching: the block table's column 0 is the slot; with it, the GPU runner
+    # supplies each group's aligned slots itself)
+    cfg = EngineArgs(model=str(tiny_model_dir), dtype="float32", max_model_len=2048,
+                     enable_prefix_caching=False).create_engine_config()
+    spec = MambaSpec(block_size=cfg.cache_config.block_size, shapes=kda_state_shape(cfg),
+                     dtypes=kda_state_dtype(cfg), mamba_type=MambaAttentionBackendEnum.GDN_ATTN)
+    builder = KDAMetadataBuilder(spec, ["model.layers.0.self_attn"], cfg, torch.device("cpu"))
+    assert not builder.supports_update_block_table  # vLLM's CPU runner builds every group
+
+    # two decodes, then two prefills (one a continued chunk); two groups' block tables
+    query_lens, seq_lens = [1, 1, 70, 5], [9, 40, 70, 21]
+    first, second = torch.tensor([[3], [4], [5], [6]]), torch.tensor([[11], [12], [13], [14]])
+    built = builder.build(0, _common(first, query_lens, seq_lens))
+    reused = builder.update_block_table(built, second, torch.zeros(77, dtype=torch.int64))
+    direct = builder.build(0, _common(second, query_lens, seq_lens))
+    assert isinstance(reused, KDAMetadata) and reused.prefill_layout is built.prefill_layout
+    assert reused.non_spec_state_indices_tensor.tolist() == [11, 12, 13, 14]
+    for f in ("num_decodes", "num_decode_tokens", "num_prefills", "num_prefill_tokens"):
+        assert getattr(reused, f) == getattr(direct, f)
+    for f in ("non_spec_state_indices_tensor", "has_initial_state", "non_spec_query_start_loc"):
+        assert torch.equal(getattr(reused, f), getattr(direct, f)), f
+    assert [t.tolist() for t in reused.prefill_layout.chunk_layout] == \
+        [t.tolist() for t in direct.prefill_layout.chunk_layout]

@@ -190,11 +190,11 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
         sbs.report(tmp_path)
 
     trace = {"traceEvents": [
-        {"cat": "kernel", "name": "_recurrent_kda_kernel", "dur": 6.0},
-        {"cat": "kernel", "name": "_recurrent_kda_kernel", "dur": 10.0},
-        {"cat": "kernel", "name": "nvjet_tst_128x64_gemm", "dur": 40.0},
-        {"cat": "kernel", "name": "fused_moe_kernel", "dur": 24.0},
-        {"cat": "kernel", "name": "void at::native::elementwise_kernel<copy>", "dur": 2.0},
+        {"cat": "kernel", "name": "_recurrent_kda_kernel", "dur": 6.0, "ts": 0.0},
+        {"cat": "kernel", "name": "_recurrent_kda_kernel", "dur": 10.0, "ts": 100.0},
+        {"cat": "kernel", "name": "nvjet_tst_128x64_gemm", "dur": 40.0, "ts": 4.0},  # overlaps
+        {"cat": "kernel", "name": "fused_moe_kernel", "dur": 24.0, "ts": 60.0},
+        {"cat": "kernel", "name": "void at::native::elementwise_kernel<copy>", "dur": 2.0, "ts": 198.0},
         {"cat": "cpu_op", "name": "aten::mm", "dur": 500.0},  # not a GPU kernel: not counted
     ]}
     (tmp_path / "profile" / "w").mkdir(parents=True)
@@ -202,6 +202,8 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
         json.dump(trace, f)
     k = sbs.kernel_table(tmp_path / "profile", steps=2)
     assert (k["category"], k["us_per_step"], k["launches_per_step"]) == ("kernel", 41.0, 2.5)
+    # GPU timeline 0..200 us, kernels running during 0-44, 60-84, 100-110, 198-200: 80 of 200
+    assert (k["gpu_span_us_per_step"], k["gpu_busy_fraction"]) == (100.0, 0.4)
     assert k["by_kind_us_per_step"] == {"gemm": 20.0, "moe": 12.0, "kda/conv": 8.0, "copy/fill": 1.0}
     assert k["top"][0] == {"name": "nvjet_tst_128x64_gemm", "us_per_step": 20.0, "calls_per_step": 0.5}
 

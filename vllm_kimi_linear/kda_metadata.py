@@ -52,6 +52,20 @@ class KDAMetadata(GDNAttentionMetadata):
 
 
 class KDAMetadataBuilder(GDNAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # vLLM's GPU model runner (V2) builds a step's GDN metadata once and hands it to the other
+        # KV cache groups of KDA layers, which only re-gather their state indices
+        # (update_block_table); it opts in vLLM's own builder class alone, as a subclass may add
+        # per-group fields. Ours adds prefill_layout, a function of the query starts alone, so the
+        # reuse holds for it: one build per step instead of one per group (3 at 48B), as vLLM's
+        # in-tree Kimi Linear has, and the runner computes every group's aligned state indices
+        # (prefix caching) in one go instead of a gather per group.
+        if vllm_config.use_v2_model_runner and torch.device(device).type == "cuda":
+            self.supports_update_block_table = True
+            if not hasattr(self, "mamba_aligned_state_indices"):
+                self.mamba_aligned_state_indices = None
+
     def _build_chunk_metadata(self, *args, **kwargs):
         return None, None  # fla's chunk indices: our kernels use prefill_layout instead
 
