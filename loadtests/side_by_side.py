@@ -53,6 +53,7 @@ WARMUP = (8192, 32, 8, 8, ("median_tpot_ms",))  # compiles what the rows run, co
 SERVE_ARGS = ["--load-format", "dummy", "--max-model-len", "1048576", "--gpu-memory-utilization", "0.92"]
 SERVED = "kimi-linear-48b-dummy"
 PROFILE_STEPS = 32
+DECODE_TOKENS_WHILE_PROFILED = 1024  # about 4 s of decode at 32K on an H200, well past the profile
 KERNEL_KINDS = (  # (kind, name fragments): the first kind whose fragment a kernel's name has
     # fla's and vLLM's KDA kernels by their names; ours (kimi_kda) by their kernel names
     ("kda/conv", ("kda", "recurrent", "conv", "gated_delta", "chunk_", "_update_kernel", "_prefill_kernel",
@@ -181,8 +182,11 @@ def gpu_busy(intervals: list[tuple[float, float]]) -> tuple[float, float] | None
 
 
 def profile_decode(base: str, out: Path, impl: str, scale: float = 1.0) -> dict:
-    """PROFILE_STEPS decode steps of one request at a 32K context (x scale), from its third token
-    on, through vLLM's /start_profile (max_iterations) and /stop_profile."""
+    """PROFILE_STEPS decode steps of one request at a 32K context (x scale), through vLLM's
+    /start_profile (max_iterations) and /stop_profile. The request decodes far longer than the
+    profile (a server streams tokens in bundles, and the profiler starts a few steps after the
+    call): with 104 tokens the plugin's request had ended before its profiler started (H200,
+    2026-12-03: an empty trace)."""
     import requests
 
     requests.post(base + "/reset_prefix_cache", timeout=60).raise_for_status()
@@ -191,7 +195,7 @@ def profile_decode(base: str, out: Path, impl: str, scale: float = 1.0) -> dict:
         old.unlink()
     rng = random.Random(1234)
     ids = [rng.randrange(16, 256) for _ in range(max(16, int(32768 * scale)))]
-    body = {"model": SERVED, "prompt": ids, "max_tokens": 3 * PROFILE_STEPS + 8, "temperature": 0,
+    body = {"model": SERVED, "prompt": ids, "max_tokens": DECODE_TOKENS_WHILE_PROFILED, "temperature": 0,
             "ignore_eos": True, "stream": True}
     chunks = 0
     with requests.post(base + "/v1/completions", json=body, stream=True, timeout=900) as r:
@@ -199,7 +203,7 @@ def profile_decode(base: str, out: Path, impl: str, scale: float = 1.0) -> dict:
         for line in r.iter_lines():
             if line.startswith(b"data: {"):
                 chunks += 1
-                if chunks == 2:  # the prompt is in: what follows are decode steps
+                if chunks == 2:  # the prompt is in (and a token more): what follows are decode steps
                     requests.post(base + "/start_profile", json={"max_iterations": PROFILE_STEPS},
                                   timeout=120).raise_for_status()
     requests.post(base + "/stop_profile", timeout=600).raise_for_status()
