@@ -77,3 +77,20 @@ def test_a_second_kda_group_reuses_the_first_groups_metadata(tiny_model_dir):
         assert torch.equal(getattr(reused, f), getattr(direct, f)), f
     assert [t.tolist() for t in reused.prefill_layout.chunk_layout] == \
         [t.tolist() for t in direct.prefill_layout.chunk_layout]
+
+
+def test_the_builder_opts_in_on_vllms_gpu_runner_only(monkeypatch):
+    """The opt-in itself (CUDA and vLLM's V2 runner: the runner that reuses metadata across
+    groups), with vLLM's own constructor stubbed, as its buffers need a GPU."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadataBuilder
+
+    from vllm_kimi_linear.kda_metadata import KDAMetadataBuilder
+    monkeypatch.setattr(GDNAttentionMetadataBuilder, "__init__",
+                        lambda self, *args: setattr(self, "supports_update_block_table", False))
+    for v2, device, reuses in ((True, "cuda", True), (False, "cuda", False), (True, "cpu", False)):
+        b = KDAMetadataBuilder(None, [], SimpleNamespace(use_v2_model_runner=v2), torch.device(device))
+        assert b.supports_update_block_table is reuses, (v2, device)
+        # the runner fills each group's aligned state indices in where the attribute exists
+        assert hasattr(b, "mamba_aligned_state_indices") is reuses
