@@ -22,8 +22,10 @@ fi
 base="$(cat /tmp/sbs/server-plugin.url)"
 python3 -m vllm_kimi_linear.tools.planner --tp 1 --gpu h200 --max-model-len 1048576 > "$out/planner.txt" 2>&1
 grep -h "Maximum concurrency\|KV cache size\|Available KV cache" /tmp/sbs/server-plugin.log > "$out/vllm-capacity.txt"
-# stop before the device call's own limit, so what the run wrote still comes back
-timeout -k 15 "${KIMI_LOAD_TIME_LIMIT:-$(( 570 - $(date +%s) + start ))}" python3 -m loadtests "$scenario" \
+# stop before the device call's own limit (570 s from this script's start, a server start
+# included), so what the run wrote still comes back
+limit="${KIMI_LOAD_TIME_LIMIT:-$(( 570 - ($(date +%s) - start) ))}"; [ "$limit" -ge 30 ] || limit=30
+timeout -k 15 "$limit" python3 -m loadtests "$scenario" \
   --base-url "$base/v1" --tokenizer /tmp/sbs/published-config --out "/tmp/load/$scenario" --no-progress "$@" \
   2>&1 | tee -a "$out/load.log"
 rc=${PIPESTATUS[0]}
