@@ -27,7 +27,9 @@ def _act(y, SILU: tl.constexpr):
     return y
 
 
-@triton.jit
+# What changes with every batch (the token count; views of per-step index arrays, whose alignment
+# varies): unspecialised, so the profile run's one compile serves all (see triton_chunk).
+@triton.jit(do_not_specialize=("T", "cu", "seq_of_token", "slots", "has_init"))
 def _prefill_kernel(x, w, out, cu, seq_of_token, states, slots, has_init, T, D,
                     sx, so, ss0, ss1, ss2,
                     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
@@ -58,7 +60,7 @@ def _prefill_kernel(x, w, out, cu, seq_of_token, states, slots, has_init, T, D,
              _act(acc, SILU).to(out.dtype.element_ty), mask=mt[:, None] & md[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("cu", "slots", "has_init"))
 def _save_state_kernel(x, cu, states, slots, has_init, D, sx, ss0, ss1, ss2,
                        W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr):
     n = tl.program_id(0)

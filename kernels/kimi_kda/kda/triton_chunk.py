@@ -50,6 +50,17 @@ BC = 16   # sub-block
 L2NORM_EPS = tl.constexpr(1e-6)   # fla's l2norm: x / sqrt(sum(x^2) + eps)
 
 
+# What changes with every batch: the token count, chunks per sequence, and the chunk layout's
+# index arrays (views into one buffer, so their 16-byte alignment varies with the lengths before
+# them). Triton compiles a kernel again for each new class of these (an int == 1, a multiple of
+# 16 or other; a pointer aligned or not), each a stall of seconds in a running server (vLLM: "Triton
+# kernel JIT compilation during inference", seen on the H200 at the first request after the
+# profile run). Unspecialised, the one compile of vLLM's profile run
+# (KimiDeltaAttention._profile_prefill) serves every later batch.
+# (Each kernel lists its own: older Tritons refuse a name that is not a parameter.)
+PER_STEP_CHUNK_ARGS = ("T", "NCS", "chunk_start", "chunk_end")
+
+
 @triton.jit
 def _dot(a, b, LOWP: tl.constexpr):
     """bf16 operands with fp32 accumulation for bf16/fp16 inputs (as fla does); exact fp32 else."""
@@ -90,7 +101,7 @@ def _softplus(x):
     return tl.where(x > 20.0, x, tl.where(x < -15.0, e, tl.log(1.0 + e)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP_CHUNK_ARGS)
 def _cumsum_kernel(g, gc, A_log, dt_bias, chunk_start, chunk_end, T, NCS, H: tl.constexpr, K: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr, GATE: tl.constexpr,
                    HAS_BIAS: tl.constexpr):
@@ -112,7 +123,7 @@ def _cumsum_kernel(g, gc, A_log, dt_bias, chunk_start, chunk_end, T, NCS, H: tl.
     tl.store(gc + off, tl.cumsum(b_g, 0), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP_CHUNK_ARGS)
 def _diag_kernel(q, k, g, gc, beta, Aqk, Akkd, rq, rk, chunk_start, chunk_end, scale, T, NCS, sq, sk,
                  H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                  BH: tl.constexpr, VARLEN: tl.constexpr, DECAY_FROM_GC: tl.constexpr,
@@ -229,7 +240,7 @@ def _row_norm(r, rows, end, H: tl.constexpr, i_h, QK_NORM: tl.constexpr):
     return n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP_CHUNK_ARGS)
 def _solve_kernel(q, k, gc, beta, Aqk, Akkd, Ai, rq, rk, chunk_start, chunk_end, scale, T, NCS, sq, sk,
                   H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                   PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, VARLEN: tl.constexpr,
@@ -315,7 +326,7 @@ def _solve_kernel(q, k, gc, beta, Aqk, Akkd, Ai, rq, rk, chunk_start, chunk_end,
     _store_block(Ai, rows3, end, H, i_h, 3, X33, o_i, BT, BC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP_CHUNK_ARGS)
 def _wu_kernel(q, k, v, gc, beta, Ai, qg, kend, w, u, gexp, rq, rk, chunk_start, chunk_end, scale, T, NCS,
                sq, sk, sv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr, VARLEN: tl.constexpr,
@@ -358,7 +369,7 @@ def _wu_kernel(q, k, v, gc, beta, Ai, qg, kend, w, u, gexp, rq, rk, chunk_start,
         tl.store(w + off, b_w.to(w.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("cu_seqlens", "seq_chunk_first"))
 def _state_kernel(w, u, kend, gexp, h, h0, ht, cu_seqlens, seq_chunk_first,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
@@ -401,7 +412,7 @@ def _state_kernel(w, u, kend, gexp, h, h0, ht, cu_seqlens, seq_chunk_first,
         tl.store(ht + i_n.to(tl.int64) * H * K * V + state_off, b_s, mask=mh)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP_CHUNK_ARGS)
 def _output_kernel(qg, h, Aqk, v_new, o, rk, chunk_start, chunk_end, T, NCS,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr, VARLEN: tl.constexpr,
