@@ -4,6 +4,8 @@ Runs in the front-end process before any worker starts, so a bad config.json, or
 checkpoint whose tensors do not match it (names and shapes, read from the safetensors headers),
 is ONE clear ValueError at start-up rather than a failure inside a worker.
 """
+from pathlib import Path
+
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from .checkpoint import check_checkpoint, quant_scheme
@@ -58,6 +60,7 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
         if current_platform.is_cuda():
             from .cuda_checks import check_cuda_mla
             check_cuda_mla(mc.dtype, dims.mla, current_platform)
+            use_tuned_moe_configs()
 
 
 def check_quantization(method: str | None, cfg: dict) -> None:
@@ -116,3 +119,24 @@ def check_published_files(cfg: dict, model_config) -> None:
     if Path(str(model_config.tokenizer)) == Path(str(model_config.model)):
         check_tokenizer_files(model_config.model, cfg["vocab_size"],
                               {k: cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+
+
+MOE_CONFIGS = Path(__file__).parent / "moe_configs"
+
+
+def use_tuned_moe_configs(folder: Path = MOE_CONFIGS) -> None:
+    """Point vLLM at the fused-MoE tile configurations tuned for Kimi Linear's expert shapes
+    (`tools/tune_moe.py`; vLLM ships none for them on an H200), unless the user names a folder of
+    their own. Set here, in the front end, so the engine processes started next inherit it; vLLM
+    reads a file only for its own (experts, intermediate size, GPU) name."""
+    import os
+
+    from vllm.logger import init_logger
+    if not any(folder.glob("E=*.json")):
+        return
+    if os.environ.get("VLLM_TUNED_CONFIG_FOLDER"):
+        init_logger("vllm.kimi_linear").info(
+            "VLLM_TUNED_CONFIG_FOLDER is set: vLLM reads MoE configs from there, not the ones "
+            "tuned for Kimi Linear in %s (copy them over to use both)", folder)
+        return
+    os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(folder)

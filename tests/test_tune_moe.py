@@ -1,0 +1,58 @@
+"""The MoE tuner's plumbing (vllm_kimi_linear/tools/tune_moe.py) with a stand-in timer, as vLLM's
+Triton MoE kernel runs on a GPU only: each configuration reaches the kernel through vLLM's
+override (the timer reads it there), the fastest per batch size is kept, a batch size where
+vLLM's default wins is left to it, and the file is vLLM's own name and format for the shape."""
+from __future__ import annotations
+
+import json
+
+from vllm_kimi_linear.tools import tune_moe
+
+
+def test_tuner_keeps_the_fastest_config_and_writes_vllms_file(tmp_path, monkeypatch):
+    from vllm.model_executor.layers.fused_moe import get_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import get_moe_configs
+
+    def timer(fn):  # ms; what the kernel would see as its config, not the call itself
+        cfg = get_config()
+        if cfg is None:  # vLLM's default: beaten at M=1 only (below), never at M=64
+            return 0.010 if timer.M == 1 else 0.001
+        return 0.002 + cfg["BLOCK_SIZE_N"] / 64 * 0.001 + cfg["num_stages"] * 0.0001
+
+    def make_case(M, N, device="cuda", seed=0):
+        timer.M = M
+        return ()
+
+    monkeypatch.setattr(tune_moe, "make_case", make_case)
+    res = tune_moe.tune(2, [1, 64], max_seconds=60, timer=timer, device="cpu")
+    best, best_us, default_us = res[1]
+    assert (best["BLOCK_SIZE_N"], best["num_stages"], round(best_us, 1), default_us) == (32, 3, 2.8, 10.0)
+    assert res[64][0] is None  # the default won there
+    path = tune_moe.write_vllm_config(tmp_path, 2, res)
+    assert path.name.startswith("E=256,N=512,device_name=") and path.suffix == ".json"
+    table = json.loads(path.read_text())
+    assert set(table) == {"triton_version", "1"} and table["1"] == best
+    # vLLM reads it back from $VLLM_TUNED_CONFIG_FOLDER
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
+    get_moe_configs.cache_clear()
+    try:
+        assert get_moe_configs(256, 512, None) == {1: best}
+    finally:
+        get_moe_configs.cache_clear()
+
+
+def test_the_plugin_points_vllm_at_its_tuned_configs(tmp_path, monkeypatch):
+    """Only when the folder has a config, and never over the user's own folder."""
+    import os
+
+    from vllm_kimi_linear.hooks import use_tuned_moe_configs
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    use_tuned_moe_configs(tmp_path)  # empty: nothing to point at
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
+    (tmp_path / "E=256,N=1024,device_name=NVIDIA_H200.json").write_text("{}")
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/elsewhere")
+    use_tuned_moe_configs(tmp_path)
+    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == "/elsewhere"
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
+    use_tuned_moe_configs(tmp_path)
+    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(tmp_path)

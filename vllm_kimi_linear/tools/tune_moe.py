@@ -1,0 +1,131 @@
+"""Tune vLLM's fused MoE kernel for Kimi Linear's expert shape on this GPU (offline, GPU only).
+
+    python -m vllm_kimi_linear.tools.tune_moe --out DIR [--tp 1 2 4 8] [--batches 1 16 64 ...]
+
+vLLM picks the Triton MoE kernel's tile sizes from a JSON file per (experts, intermediate size per
+GPU, device), `E=256,N=1024,device_name=NVIDIA_H200.json` for Kimi-Linear-48B-A3B at TP 1 on an
+H200, and falls back to generic defaults when it has none ("Using default MoE config.
+Performance might be sub-optimal!"). vLLM 0.32 ships none for this model's shapes on an H200
+(bf16), at any TP. This times every configuration of a search space per batch size, each as a
+CUDA-graph replay of `fused_experts` on random bf16 weights of the published dimensions and a
+uniform random routing, and writes the best per batch size in vLLM's format (DIR/E=...json),
+with the default's time beside it (DIR/tune_moe.json). The engine reads such files from
+$VLLM_TUNED_CONFIG_FOLDER. `--max-seconds` bounds each TP's search (the best so far is kept).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+# Kimi-Linear-48B-A3B's MoE (config.json: num_experts, hidden_size, moe_intermediate_size,
+# num_experts_per_token)
+EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 256, 2304, 1024, 8
+# vLLM uses the entry nearest the step's token count: decode batches, then chunked-prefill steps
+# (8,192 tokens a step by default)
+BATCHES = (1, 16, 64, 256, 1024, 8192)
+
+
+def search_space(M: int) -> list[dict]:
+    """Tiles for M tokens. M * top_k / E tokens reach an expert on average: up to a few, the
+    smallest M tile, and the kernel is bound by reading the experts' weights (N and K tiles,
+    warps, pipeline depth); with many, the GEMM tiles matter. Kept small (48-96 configurations,
+    each compiled once) so a TP's search fits a few minutes of a lent GPU."""
+    per_expert = M * TOP_K / EXPERTS
+    if per_expert <= 4:
+        space = itertools.product((16,), (32, 64, 128, 256), (64, 128, 256), (1,), (4, 8), (3, 4))
+    elif per_expert <= 64:
+        space = itertools.product((16, 32, 64), (64, 128, 256), (64, 128), (1,), (4, 8), (3, 4))
+    else:
+        space = itertools.product((64, 128), (64, 128, 256), (64, 128), (1, 16), (4, 8), (3, 4))
+    return [{"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": g,
+             "num_warps": w, "num_stages": s} for bm, bn, bk, g, w, s in space]
+
+
+def make_case(M: int, N: int, device="cuda", seed: int = 0):
+    """fused_experts' operands: x [M, hidden], w1 [E, 2N, hidden] (gate|up), w2 [E, hidden, N]."""
+    import torch
+    g = torch.Generator(device=device).manual_seed(seed)
+    bf = dict(dtype=torch.bfloat16, device=device)
+    x = torch.randn(M, HIDDEN, generator=g, **bf) * 0.1
+    w1 = torch.randn(EXPERTS, 2 * N, HIDDEN, generator=g, **bf) * 0.02
+    w2 = torch.randn(EXPERTS, HIDDEN, N, generator=g, **bf) * 0.02
+    scores = torch.rand(M, EXPERTS, generator=g, device=device)
+    topk_weights, topk_ids = scores.topk(TOP_K, dim=-1)
+    return x, w1, w2, topk_weights, topk_ids.to(torch.int32)
+
+
+def time_us(case, config: dict | None, timer=None) -> float:
+    """One fused_experts call with `config` (None: what vLLM would pick), in microseconds."""
+    from vllm.model_executor.layers.fused_moe import override_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+    if timer is None:
+        import triton.testing
+        timer = triton.testing.do_bench_cudagraph
+    with override_config(config):  # read at call time, so also while the graph is captured
+        return timer(lambda: fused_experts(*case)) * 1e3
+
+
+def tune(tp: int, batches, max_seconds: float, timer=None, device="cuda") -> dict:
+    """{M: (best config, its us, the default's us)} for intermediate size INTERMEDIATE / tp."""
+    N = INTERMEDIATE // tp
+    out = {}
+    for M in batches:
+        case = make_case(M, N, device, seed=M)
+        default_us = time_us(case, None, timer)
+        best, best_us, t0 = None, float("inf"), time.time()
+        for cfg in search_space(M):
+            if time.time() - t0 > max_seconds / len(batches):  # each batch size its share
+                print(f"  M={M}: search stopped at its time share", flush=True)
+                break
+            try:
+                us = time_us(case, cfg, timer)
+            except Exception as e:  # a tile the compiler or the GPU's shared memory refuses
+                print(f"  M={M} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            if us < best_us:
+                best, best_us = cfg, us
+        if best is None or best_us >= default_us:
+            best, best_us = None, default_us  # nothing beat vLLM's default: leave M to it
+        out[M] = (best, best_us, default_us)
+        print(f"TP={tp} N={N} M={M}: default {default_us:.1f} us, best {best_us:.1f} us "
+              f"({default_us / best_us:.2f}x) {best}", flush=True)
+    return out
+
+
+def write_vllm_config(out_dir: Path, tp: int, results: dict) -> Path | None:
+    """vLLM's file for this shape and GPU: {M: config}, batch sizes whose default won left out."""
+    import triton
+    from vllm.model_executor.layers.fused_moe.fused_moe import get_config_file_name
+    table = {str(M): cfg for M, (cfg, _, _) in results.items() if cfg is not None}
+    if not table:
+        return None
+    path = out_dir / get_config_file_name(EXPERTS, INTERMEDIATE // tp, None)
+    path.write_text(json.dumps({"triton_version": triton.__version__, **table}, indent=4) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tp", type=int, nargs="+", default=[1])
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    ap.add_argument("--max-seconds", type=float, default=240.0, help="search time per TP")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for tp in a.tp:
+        res = tune(tp, a.batches, a.max_seconds)
+        path = write_vllm_config(a.out, tp, res)
+        summary[f"tp{tp}"] = {"file": path.name if path else None,
+                              "rows": [{"M": M, "default_us": round(d, 2), "best_us": round(b, 2),
+                                        "speedup": round(d / b, 3), "config": c}
+                                       for M, (c, b, d) in res.items()]}
+        (a.out / "tune_moe.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
