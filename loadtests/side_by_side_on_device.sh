@@ -13,7 +13,15 @@ impl="${1:?plugin or intree}"; rows="${2:-}"; shift $(( $# < 2 ? $# : 2 ))
 [ "$rows" = all ] && rows=""
 out="${OUT:-$PWD/sbs-results}"; mkdir -p "$out" /tmp/sbs
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-[ "$impl" = plugin ] && export PYTHONPATH=/tmp/site:/tmp/plugin
+if [ "$impl" = plugin ]; then
+  # the plugin as pip installs it (entry points, package data), from this call's working tree: an
+  # install an earlier call left in /tmp/plugin may be of older code. A kept server keeps its own.
+  if [ ! -f /tmp/sbs/server-plugin.url ]; then
+    rm -rf /tmp/plugin && python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/plugin . \
+      || { echo "plugin install failed" >&2; exit 1; }
+  fi
+  export PYTHONPATH=/tmp/site:/tmp/plugin
+fi
 # A server another call left holds the GPU: a kept one, or one whose run was killed outright (the
 # harness stops its servers on SIGTERM, which `timeout` sends, not on SIGKILL). Keep it only if it
 # is this IMPL's kept server.
