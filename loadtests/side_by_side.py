@@ -212,9 +212,13 @@ def profile_decode(base: str, out: Path, impl: str, scale: float = 1.0) -> dict:
         time.sleep(2)
     time.sleep(5)
     table = kernel_table(trace_dir, PROFILE_STEPS)
+    if not table["launches_per_step"]:  # as on the H200 once: nothing recorded, not a free step
+        table["empty"] = ("the trace holds no events: the request ended before the profiler "
+                          "started, or the profiler wrote nothing")
+        print(f"{impl} decode profile: {table['empty']}", flush=True)
     (out / f"profile-{impl}.json").write_text(json.dumps(table, indent=1))
     return {k: table[k] for k in ("us_per_step", "launches_per_step", "gpu_span_us_per_step",
-                                  "gpu_busy_fraction", "by_kind_us_per_step") if k in table}
+                                  "gpu_busy_fraction", "by_kind_us_per_step", "empty") if k in table}
 
 
 def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, scale: float = 1.0,
