@@ -19,10 +19,11 @@ def test_tuner_keeps_the_fastest_config_and_writes_vllms_file(tmp_path, monkeypa
             return 0.010 if timer.M == 1 else 0.001
         return 0.002 + cfg["BLOCK_SIZE_N"] / 64 * 0.001 + cfg["num_stages"] * 0.0001
 
-    def make_case(M, N, device="cuda", seed=0):
+    def make_case(M, weights, device="cuda", seed=0):
         timer.M = M
         return ()
 
+    monkeypatch.setattr(tune_moe, "make_weights", lambda N, device="cuda": ())
     monkeypatch.setattr(tune_moe, "make_case", make_case)
     res = tune_moe.tune(2, [1, 64], max_seconds=60, timer=timer, device="cpu")
     best, best_us, default_us = res[1]

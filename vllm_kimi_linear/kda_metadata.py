@@ -63,8 +63,7 @@ class KDAMetadataBuilder(GDNAttentionMetadataBuilder):
         # (prefix caching) in one go instead of a gather per group.
         if vllm_config.use_v2_model_runner and torch.device(device).type == "cuda":
             self.supports_update_block_table = True
-            if not hasattr(self, "mamba_aligned_state_indices"):
-                self.mamba_aligned_state_indices = None
+            self.mamba_aligned_state_indices = None  # the runner fills it in each step
 
     def _build_chunk_metadata(self, *args, **kwargs):
         return None, None  # fla's chunk indices: our kernels use prefill_layout instead

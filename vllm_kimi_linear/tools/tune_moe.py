@@ -10,7 +10,8 @@ Performance might be sub-optimal!"). vLLM 0.32 ships none for this model's shape
 CUDA-graph replay of `fused_experts` on random bf16 weights of the published dimensions and a
 uniform random routing, and writes the best per batch size in vLLM's format (DIR/E=...json),
 with the default's time beside it (DIR/tune_moe.json). The engine reads such files from
-$VLLM_TUNED_CONFIG_FOLDER. `--max-seconds` bounds each TP's search (the best so far is kept).
+$VLLM_TUNED_CONFIG_FOLDER. `--max-seconds` bounds each TP's search, shared equally by its batch sizes (the best
+so far is kept).
 """
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ import json
 import time
 from pathlib import Path
 
-# Kimi-Linear-48B-A3B's MoE (config.json: num_experts, hidden_size, moe_intermediate_size,
-# num_experts_per_token)
-EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 256, 2304, 1024, 8
+from .planner import published_config
+
+# Kimi-Linear-48B-A3B's MoE, from its published config
+_PUBLISHED = published_config()
+EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = (_PUBLISHED[k] for k in ("num_experts", "hidden_size",
+                                                               "moe_intermediate_size",
+                                                               "num_experts_per_token"))
 # vLLM uses the entry nearest the step's token count: decode batches, then chunked-prefill steps
 # (8,192 tokens a step by default)
 BATCHES = (1, 16, 64, 256, 1024, 8192)
@@ -44,17 +49,24 @@ def search_space(M: int) -> list[dict]:
              "num_warps": w, "num_stages": s} for bm, bn, bk, g, w, s in space]
 
 
-def make_case(M: int, N: int, device="cuda", seed: int = 0):
-    """fused_experts' operands: x [M, hidden], w1 [E, 2N, hidden] (gate|up), w2 [E, hidden, N]."""
+def make_weights(N: int, device="cuda", seed: int = 0):
+    """The experts' weights, once per TP (3.6 GB at TP 1): w1 [E, 2N, hidden] (gate|up),
+    w2 [E, hidden, N]."""
     import torch
     g = torch.Generator(device=device).manual_seed(seed)
     bf = dict(dtype=torch.bfloat16, device=device)
-    x = torch.randn(M, HIDDEN, generator=g, **bf) * 0.1
-    w1 = torch.randn(EXPERTS, 2 * N, HIDDEN, generator=g, **bf) * 0.02
-    w2 = torch.randn(EXPERTS, HIDDEN, N, generator=g, **bf) * 0.02
+    return (torch.randn(EXPERTS, 2 * N, HIDDEN, generator=g, **bf) * 0.02,
+            torch.randn(EXPERTS, HIDDEN, N, generator=g, **bf) * 0.02)
+
+
+def make_case(M: int, weights, device="cuda", seed: int = 0):
+    """fused_experts' operands for M tokens: x [M, hidden], the weights, a uniform random top-k."""
+    import torch
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(M, HIDDEN, generator=g, dtype=torch.bfloat16, device=device) * 0.1
     scores = torch.rand(M, EXPERTS, generator=g, device=device)
     topk_weights, topk_ids = scores.topk(TOP_K, dim=-1)
-    return x, w1, w2, topk_weights, topk_ids.to(torch.int32)
+    return x, *weights, topk_weights, topk_ids.to(torch.int32)
 
 
 def time_us(case, config: dict | None, timer=None) -> float:
@@ -71,9 +83,10 @@ def time_us(case, config: dict | None, timer=None) -> float:
 def tune(tp: int, batches, max_seconds: float, timer=None, device="cuda") -> dict:
     """{M: (best config, its us, the default's us)} for intermediate size INTERMEDIATE / tp."""
     N = INTERMEDIATE // tp
+    weights = make_weights(N, device)
     out = {}
     for M in batches:
-        case = make_case(M, N, device, seed=M)
+        case = make_case(M, weights, device, seed=M)
         default_us = time_us(case, None, timer)
         best, best_us, t0 = None, float("inf"), time.time()
         for cfg in search_space(M):

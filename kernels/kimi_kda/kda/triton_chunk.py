@@ -57,7 +57,7 @@ L2NORM_EPS = tl.constexpr(1e-6)   # fla's l2norm: x / sqrt(sum(x^2) + eps)
 # kernel JIT compilation during inference", seen on the H200 at the first request after the
 # profile run). Unspecialised, the one compile of vLLM's profile run
 # (KimiDeltaAttention._profile_prefill) serves every later batch.
-# (Each kernel lists its own: older Tritons refuse a name that is not a parameter.)
+# (A kernel with other names, _state_kernel, lists its own.)
 PER_STEP_CHUNK_ARGS = ("T", "NCS", "chunk_start", "chunk_end")
 
 
