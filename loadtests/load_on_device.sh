@@ -12,11 +12,10 @@ scenario="${1:?a loadtests scenario, e.g. 1m-context}"; shift
 out="${OUT:-$PWD/load-results}"; mkdir -p "$out" /tmp/sbs /tmp/load
 export PYTHONPATH=/tmp/site:/tmp/plugin PYTHONUNBUFFERED=1
 start=$(date +%s)
+source "$(dirname "$0")/../tests/gpu/device.sh"
 if [ ! -f /tmp/sbs/server-plugin.url ]; then
-  pkill -9 -f "[v]llm.entrypoints.cli.main serve"; pkill -9 -f "[E]ngineCore"
-  # the plugin from this call's working tree (an earlier call's install may be of older code)
-  rm -rf /tmp/plugin && python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/plugin . \
-    || { echo "plugin install failed" >&2; exit 1; }
+  stop_servers
+  install_plugin || exit 1
   python3 -m loadtests.side_by_side run --impl plugin --out /tmp/sbs --rows "" --keep-server 2>&1 | tee -a "$out/load.log" \
     || { echo "the server did not start: see server-plugin.log" | tee -a "$out/load.log"; cp /tmp/sbs/server-plugin.log "$out/"; exit 1; }
 fi

@@ -13,26 +13,13 @@ impl="${1:?plugin or intree}"; rows="${2:-}"; shift $(( $# < 2 ? $# : 2 ))
 [ "$rows" = all ] && rows=""
 out="${OUT:-$PWD/sbs-results}"; mkdir -p "$out" /tmp/sbs
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+source "$(dirname "$0")/../tests/gpu/device.sh"
 if [ "$impl" = plugin ]; then
-  # the plugin as pip installs it (entry points, package data), from this call's working tree: an
-  # install an earlier call left in /tmp/plugin may be of older code. A kept server keeps its own.
-  if [ ! -f /tmp/sbs/server-plugin.url ]; then
-    rm -rf /tmp/plugin && python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/plugin . \
-      || { echo "plugin install failed" >&2; exit 1; }
-  fi
+  # (a kept server keeps the install it started with)
+  [ -f /tmp/sbs/server-plugin.url ] || install_plugin || exit 1
   export PYTHONPATH=/tmp/site:/tmp/plugin
 fi
-# A server another call left holds the GPU: a kept one, or one whose run was killed outright (the
-# harness stops its servers on SIGTERM, which `timeout` sends, not on SIGKILL). Keep it only if it
-# is this IMPL's kept server.
-stop_servers() {
-  pkill -9 -f "[v]llm.entrypoints.cli.main serve"; pkill -9 -f "[E]ngineCore"
-  rm -f /tmp/sbs/server-*.url
-  for _ in $(seq 30); do
-    [ "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits)" -lt 2000 ] && return
-    sleep 2
-  done
-}
+# A server another call left holds the GPU: keep it only if it is this IMPL's kept server.
 [ -f "/tmp/sbs/server-$impl.url" ] || stop_servers
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 start=$(date +%s)

@@ -6,13 +6,12 @@
 # gpu_checks.jsonl (every comparison, appended as it is made), pytest-IMPL.log, junit-IMPL.xml
 # and server-IMPL-CONFIG.log for each server.
 set -uo pipefail
+source "$(dirname "$0")/device.sh"
 impl="${1:-plugin}"; configs="${2:-}"; shift $(( $# < 2 ? $# : 2 ))
 out="${OUT:-$PWD/gpu-results}"; mkdir -p "$out"
 export PYTHONPATH=/tmp/site
 if [ "$impl" = plugin ]; then
-  # the plugin as pip installs it (entry points), from this working tree
-  rm -rf /tmp/plugin && python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/plugin . \
-    || { echo "plugin install failed" >&2; exit 1; }
+  install_plugin || exit 1
   export PYTHONPATH=/tmp/site:/tmp/plugin
 fi
 export KIMI_GPU_IMPL="$impl" KIMI_GPU_CONFIGS="$configs" KIMI_GPU_RESULTS="$out" PYTHONUNBUFFERED=1
