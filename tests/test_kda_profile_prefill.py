@@ -57,3 +57,37 @@ def test_profile_run_prefill_runs_once_into_scratch_slots(backend, monkeypatch):
     assert torch.equal(wide, before)  # inputs untouched
     layer._profile_prefill(qkv, f, b)  # once per process: every KDA layer has the same shapes
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_core_writes_every_row_of_an_uninitialised_output(backend, monkeypatch):
+    """The layer hands `_core` torch.empty (no fill kernel a layer a step): decode rows, prefill
+    rows, a negative (padding) slot's row and the rows past the batch's tokens must all be
+    written, the last two as zeros; without metadata (profile/dummy runs) every row is zero."""
+    from vllm_kimi_linear.kda_metadata import PrefillLayout
+    monkeypatch.setenv("KDA_BACKEND", backend)
+    monkeypatch.setenv("KDA_CONV_BACKEND", backend)
+    monkeypatch.setattr(KimiDeltaAttention, "_profiled", True)  # no profile-run prefill here
+    layer = stand_in()
+    H, D, K = layer.heads, layer.head_dim, 4
+    layer.prefix = "model.layers.0.self_attn"
+    layer.kv_cache = (torch.randn(4, K - 1, 3 * H * D), torch.randn(4, H, D, D))  # 4 slots
+    layer._core = functools.partial(KimiDeltaAttention._core, layer)
+    nd, prompt, pad = 3, 9, 4  # decodes (slots 1, 2 and a padding -1), one prompt, padding rows
+    T = nd + prompt + pad
+    qkv, f, b = torch.randn(T, 3 * H * D), torch.randn(T, H, D), torch.randn(T, H)
+    m = SimpleNamespace(non_spec_state_indices_tensor=torch.tensor([1, 2, -1, 3], dtype=torch.int32),
+                        num_decodes=nd, num_decode_tokens=nd, num_prefills=1, num_prefill_tokens=prompt,
+                        has_initial_state=torch.tensor([False, False, False, True]),
+                        prefill_layout=PrefillLayout.build([0, prompt], "cpu"))
+    ctx = SimpleNamespace(attn_metadata={layer.prefix: m})
+    monkeypatch.setattr(kda_layer, "get_forward_context", lambda: ctx)
+    out = torch.full((T, H, D), float("nan"))
+    layer._core(qkv, f, b, out)
+    assert torch.isfinite(out).all()
+    assert out[:2].abs().sum() > 0 and out[nd:nd + prompt].abs().sum() > 0
+    assert torch.equal(out[2], torch.zeros(H, D)) and torch.equal(out[nd + prompt:], torch.zeros(pad, H, D))
+    ctx.attn_metadata = None
+    out.fill_(float("nan"))
+    layer._core(qkv, f, b, out)
+    assert torch.equal(out, torch.zeros(T, H, D))

@@ -194,15 +194,18 @@ class KimiDeltaAttention(nn.Module, MambaBase):
             b = self.b_proj(hidden_states)[0]
         # shaped [T, H, D] explicitly: the gate would misread a flat [T, H*D] when T == H
         f = self.f_b_proj(f_a)[0].view(T, H, D)  # raw: the gate is applied inside the kernels
-        core = torch.zeros(T, H, D, dtype=hidden_states.dtype, device=hidden_states.device)
+        # not zeros: the core writes every row (a fill kernel a layer a step saved)
+        core = torch.empty(T, H, D, dtype=hidden_states.dtype, device=hidden_states.device)
         self._run_core(qkv, f, b, core)
         gate = self.g_b_proj(g_a)[0].view(T, H, D)
         return self.o_proj(self.o_norm(core, gate).reshape(T, H * D))[0]
 
     def _core(self, qkv, f, b, out) -> None:
         """The recurrent part: conv, gate (from the raw `f`), beta (from the logits `b`) and KDA;
-        writes `out` [T, H, D] in place. Rows past the batch's real tokens (padding), and every
-        row in profile/dummy runs (no metadata), stay zero.
+        writes every row of `out` [T, H, D] (uninitialised on entry): rows past the batch's real
+        tokens (padding), and every row in profile/dummy runs (no metadata), are zeroed. Decode
+        rows are all the kernel's, padded ones included (vLLM pads FULL-graph decode batches with
+        the null slot 0, which the kernel runs like any other; a negative slot writes zeros).
 
         CUDA graphs: vLLM captures the whole forward. In piecewise (breakable) graphs this
         function is an eager break (`_run_core`): it runs at every replay with that step's
@@ -212,6 +215,7 @@ class KimiDeltaAttention(nn.Module, MambaBase):
         md = get_forward_context().attn_metadata
         m = md.get(self.prefix) if isinstance(md, dict) else None
         if m is None:
+            out.zero_()
             self._profile_prefill(qkv, f, b)
             return
         H, D = self.heads, self.head_dim
@@ -235,6 +239,8 @@ class KimiDeltaAttention(nn.Module, MambaBase):
             s, e = ndt, ndt + npt
             self._prefill(qkv[s:e], f[s:e], b[s:e], out[s:e], conv_state, ssm_state, idx[nd:nd + npf],
                           m.has_initial_state[nd:nd + npf], m.prefill_layout)
+        if ndt + npt < out.shape[0]:  # padding of a piecewise-graph batch (host ints: eager here)
+            out[ndt + npt:].zero_()
 
     def _heads(self, x, shape):
         """q, k, v [*shape, H, D]: views of the conv output's three column blocks (no copies)."""
