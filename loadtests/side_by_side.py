@@ -53,7 +53,9 @@ WARMUP = (8192, 32, 8, 8, ("median_tpot_ms",))  # compiles what the rows run, co
 SERVE_ARGS = ["--load-format", "dummy", "--max-model-len", "1048576", "--gpu-memory-utilization", "0.92"]
 SERVED = "kimi-linear-48b-dummy"
 PROFILE_STEPS = 32
-DECODE_TOKENS_WHILE_PROFILED = 1024  # about 4 s of decode at 32K on an H200, well past the profile
+# ~30 s of decode at 32K on an H200: /start_profile itself took 6 s there, longer than 1,024 tokens
+# of decode; the request is dropped once the profile is stopped
+DECODE_TOKENS_WHILE_PROFILED = 8192
 KERNEL_KINDS = (  # (kind, name fragments): the first kind whose fragment a kernel's name has
     # fla's and vLLM's KDA kernels by their names; ours (kimi_kda) by their kernel names
     ("kda/conv", ("kda", "recurrent", "conv", "gated_delta", "chunk_", "_update_kernel", "_prefill_kernel",
@@ -183,10 +185,9 @@ def gpu_busy(intervals: list[tuple[float, float]]) -> tuple[float, float] | None
 
 def profile_decode(base: str, out: Path, impl: str, scale: float = 1.0) -> dict:
     """PROFILE_STEPS decode steps of one request at a 32K context (x scale), through vLLM's
-    /start_profile (max_iterations) and /stop_profile. The request decodes far longer than the
-    profile (a server streams tokens in bundles, and the profiler starts a few steps after the
-    call): with 104 tokens the plugin's request had ended before its profiler started (H200,
-    2026-12-03: an empty trace)."""
+    /start_profile (max_iterations) and /stop_profile, both sent while the request still
+    decodes; then the request is dropped. (Twice on the H200, 2026-12-03, the plugin's request,
+    104 and then 1,024 tokens, ended before /start_profile returned: empty traces.)"""
     import requests
 
     requests.post(base + "/reset_prefix_cache", timeout=60).raise_for_status()
@@ -206,7 +207,11 @@ def profile_decode(base: str, out: Path, impl: str, scale: float = 1.0) -> dict:
                 if chunks == 2:  # the prompt is in (and a token more): what follows are decode steps
                     requests.post(base + "/start_profile", json={"max_iterations": PROFILE_STEPS},
                                   timeout=120).raise_for_status()
-    requests.post(base + "/stop_profile", timeout=600).raise_for_status()
+                    time.sleep(2)  # PROFILE_STEPS steps are ~0.1 s; stop while the request still runs
+                    requests.post(base + "/stop_profile", timeout=600).raise_for_status()
+                    break  # closing the stream aborts the request
+    if chunks < 2:
+        raise RuntimeError(f"{impl}: the profiled request streamed {chunks} chunks: nothing was profiled")
     deadline = time.time() + 300  # the trace is written after the stop returns
     while not list(trace_dir.rglob("*.pt.trace.json*")) and time.time() < deadline:
         time.sleep(2)

@@ -49,6 +49,31 @@ def _dims(d) -> tuple[KimiLinearDims, dict]:
 
 # ---- the quantizer
 
+def test_reference_fp8_inputs_equal_vllms_group_quantizer():
+    """tests/reference's FP8 activation emulation (the floor tests/gpu/test_gpu_fp8.py holds the
+    FP8 server to) quantizes a bf16 input exactly as vLLM's dynamic per-token, 128-group FP8
+    quantizer does, and only inside fp8_activations() and only for the weights it names."""
+    from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
+    from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape
+    from tests.reference import kimi_linear_ref as ref
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 384, generator=g) * torch.logspace(-3, 1, 384)).bfloat16()
+    x[2, 128:256] = 0  # an all-zero group: the smallest scale, not a division by zero
+    from vllm.config import VllmConfig, set_current_vllm_config
+    with set_current_vllm_config(VllmConfig()):  # a CustomOp reads it when built
+        q, scale = QuantFP8(False, GroupShape(1, 128)).forward_native(x)
+    theirs = (q.double().view(7, 3, 128) * scale.double()[..., None]).view(7, 384)
+    ours = ref._fp8_groups(x.double())
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, x.double())  # the emulation does round
+    w, other = torch.randn(5, 384, dtype=torch.float64), torch.randn(5, 384, dtype=torch.float64)
+    plain = x.double() @ w.T
+    with ref.fp8_activations([w]):
+        assert torch.equal(ref.linear(x.double(), w, round_output=False), theirs @ w.T)
+        assert torch.equal(ref.linear(x.double(), other, round_output=False), x.double() @ other.T)
+    assert torch.equal(ref.linear(x.double(), w, round_output=False), plain)
+
+
 @pytest.mark.parametrize("shape", [(256, 384), (576, 256), (100, 130), (2, 128)])
 def test_quantizer_equals_vllms_block_cast(shape):
     from vllm.utils.deep_gemm import per_block_cast_to_fp8

@@ -1,7 +1,9 @@
 """The MoE tuner's plumbing (vllm_kimi_linear/tools/tune_moe.py) with a stand-in timer, as vLLM's
 Triton MoE kernel runs on a GPU only: each configuration reaches the kernel through vLLM's
 override (the timer reads it there), the fastest per batch size is kept, a batch size where
-vLLM's default wins is left to it, and the file is vLLM's own name and format for the shape."""
+vLLM's default wins is left to it (the file holds vLLM's default there, and at every other size
+of vLLM's tuning list, so no token count borrows a tuned neighbour's tiles), and the file is
+vLLM's own name and format for the shape."""
 from __future__ import annotations
 
 import json
@@ -32,12 +34,20 @@ def test_tuner_keeps_the_fastest_config_and_writes_vllms_file(tmp_path, monkeypa
     path = tune_moe.write_vllm_config(tmp_path, 2, res)
     assert path.name.startswith("E=256,N=512,device_name=") and path.suffix == ".json"
     table = json.loads(path.read_text())
-    assert set(table) == {"triton_version", "1"} and table["1"] == best
-    # vLLM reads it back from $VLLM_TUNED_CONFIG_FOLDER
+    assert set(table) - {"triton_version"} == {str(M) for M in tune_moe.FILE_BATCHES}
+    assert table["1"] == best
+    for M in (64, 2, 4096):  # not tuned, or the default won: vLLM's own choice for that size
+        assert table[str(M)] == tune_moe.vllm_default(M, 512) and table[str(M)] != best
+    # vLLM reads it back from $VLLM_TUNED_CONFIG_FOLDER and picks per token count from it
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
     get_moe_configs.cache_clear()
     try:
-        assert get_moe_configs(256, 512, None) == {1: best}
+        from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
+        configs = get_moe_configs(256, 512, None)
+        assert configs[1] == best and configs[4096] == tune_moe.vllm_default(4096, 512)
+        w1, w2 = (256, 1024, 2304), (256, 2304, 512)
+        assert try_get_optimal_moe_config(w1, w2, 8, None, 1) == best
+        assert try_get_optimal_moe_config(w1, w2, 8, None, 5000) == tune_moe.vllm_default(4096, 512)
     finally:
         get_moe_configs.cache_clear()
 

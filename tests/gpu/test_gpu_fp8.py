@@ -1,14 +1,20 @@
-"""An FP8 block-quantized checkpoint served on the GPU with vLLM's defaults, against the bf16 model.
+"""An FP8 block-quantized checkpoint served on the GPU with vLLM's defaults, against float64.
 
 The builder's tiny model (every quantized dimension a whole number of 128-blocks) is quantized by
-`vllm_kimi_linear.tools.quantize` as DeepSeek-V3 / Kimi-K2 store FP8; its dequantized twin (the
-weights the FP8 checkpoint stands for) is served in bf16 beside it, and both are compared with
-the float64 reference of the twin's weights on the same prompts. On the GPU, vLLM's block-FP8
-GEMMs also quantize activations (per token, 128-wide groups), so the FP8 server is allowed more
-than the bf16 one: its median |logprob difference| at most FP8_FACTOR times the bf16 server's
-+ 0.05 nats. Misapplied scales or a misplaced shard move the median by whole nats.
+`vllm_kimi_linear.tools.quantize` as DeepSeek-V3 / Kimi-K2 store FP8; the float64 reference runs
+its dequantized twin (the weights the FP8 checkpoint stands for). vLLM's block-FP8 GEMMs also
+quantize every quantized layer's input (per token, 128-wide groups, dynamic scale), which no
+bf16 comparison can stand for: on the H200 (2026-12-03) the FP8 server's median |logprob
+difference| was 0.33 nats where the twin served in bf16 had 0.066. So the FP8 server is held to
+the FP8 precision floor: the reference run again with bf16-rounded activations and those inputs
+quantized as vLLM does (`kimi_linear_ref.fp8_activations`, checked against vLLM's own quantizer
+in tests/test_quantization.py); measured on the CPU for this checkpoint and these prompts:
+median 0.345, mean 0.634 nats. The served median and mean may be at most FP8_FACTOR times the
+floor's + 0.05 nats. Misapplied scales or a misplaced shard move them by whole nats.
 
-Both servers run in turn (each with the GPU to itself); results go to gpu_checks.jsonl.
+The twin is served in bf16 too, held to the bf16 floor as tests/gpu/test_gpu_serving.py does: a
+failure of the FP8 server alone then points at the quantized path. Results go to
+gpu_checks.jsonl.
 
 The FP8 server names vLLM's CUTLASS block-FP8 GEMM (`--linear-backend cutlass`, compiled into
 vLLM; KIMI_GPU_FP8_LINEAR_BACKEND=auto for vLLM's own choice). vLLM's default on Hopper
@@ -26,6 +32,7 @@ import pytest
 import torch
 
 from tests.engine_util import prompt
+from tests.gpu.test_gpu_serving import BF16_FACTOR
 from tests.gpu.gpu_util import (DRY_RUN_ON_CPU, GPU_MLA_DIMS, IMPL, SERVED, References, ServerConfig, Served,
                                 diff_stats, prompt_logprobs, record, requires_cuda)
 from vllm_kimi_linear.tools.harness import impl_env, vllm_serve
@@ -33,7 +40,7 @@ from vllm_kimi_linear.tools.harness import impl_env, vllm_serve
 pytestmark = [requires_cuda,
               pytest.mark.skipif(IMPL != "plugin", reason="the plugin's FP8 path (vLLM's in-tree "
                                                           "class has its own checkpoint format)")]
-FP8_FACTOR = 2
+FP8_FACTOR = 1.5  # the floor emulates the FP8 rounding itself; the server rounds in a few more places
 FP8_TINY = dict(kda_heads=2, kda_head_dim=128, moe_inter=256, dtype="bfloat16", **GPU_MLA_DIMS)
 LENGTHS = (17, 300, 900)
 FP8_LINEAR_BACKEND = os.environ.get("KIMI_GPU_FP8_LINEAR_BACKEND", "cutlass")
@@ -59,12 +66,28 @@ def _served_logprobs(name: str, model_dir, extra: tuple[str, ...] = ()) -> torch
         return torch.cat([prompt_logprobs(s, prompt(n, salt=n))[0] for n in LENGTHS])
 
 
-def test_fp8_checkpoint_logprobs_close_to_the_bf16_model(checkpoints):
+def test_fp8_checkpoint_logprobs_within_the_fp8_floor(checkpoints):
+    from tests.reference import kimi_linear_ref as ref
+    from safetensors import safe_open
     refs = References(checkpoints["twin"])
-    exact = torch.cat([refs.prompt_logprobs(prompt(n, salt=n))["ref"] for n in LENGTHS])
+    with safe_open(str(checkpoints["fp8"] / "model.safetensors"), "pt") as f:
+        quantized = [refs.ours.w[k.removesuffix("_scale_inv")] for k in f.keys() if k.endswith(".weight_scale_inv")]
+    exact, bf16_floor, fp8_floor = [], [], []
+    for n in LENGTHS:
+        ids = prompt(n, salt=n)
+        exact.append(refs.prompt_logprobs(ids)["ref"])
+        with ref.rounded_activations():
+            bf16_floor.append(ref.prompt_logprobs(refs.ours, ids))
+            with ref.fp8_activations(quantized):
+                fp8_floor.append(ref.prompt_logprobs(refs.ours, ids))
+    exact, bf16_floor, fp8_floor = map(torch.cat, (exact, bf16_floor, fp8_floor))
+    floors = {"bf16": diff_stats(bf16_floor, exact), "fp8": diff_stats(fp8_floor, exact)}
     bf16 = diff_stats(_served_logprobs("fp8-twin-bf16", checkpoints["twin"]), exact)
     fp8 = diff_stats(_served_logprobs("fp8", checkpoints["fp8"], ("--linear-backend", FP8_LINEAR_BACKEND)),
                      exact)
-    record("fp8", "fp8_vs_bf16_twin", lengths=list(LENGTHS), fp8=fp8, bf16=bf16,
-           factor=FP8_FACTOR, linear_backend=FP8_LINEAR_BACKEND)
-    assert fp8["median"] <= FP8_FACTOR * bf16["median"] + 0.05, (fp8, bf16)
+    record("fp8", "fp8_vs_fp8_floor", lengths=list(LENGTHS), fp8=fp8, bf16=bf16, fp8_floor=floors["fp8"],
+           bf16_floor=floors["bf16"], fp8_factor=FP8_FACTOR, bf16_factor=BF16_FACTOR,
+           linear_backend=FP8_LINEAR_BACKEND)
+    for k in ("median", "mean"):  # 1,214 tokens pooled
+        assert bf16[k] <= BF16_FACTOR * floors["bf16"][k] + 0.05, ("bf16 twin", k, bf16, floors["bf16"])
+        assert fp8[k] <= FP8_FACTOR * floors["fp8"][k] + 0.05, ("fp8", k, fp8, floors["fp8"])

@@ -184,6 +184,25 @@ def test_decode_on_state_pool(backend):
         check(o[b:b + 1], pool[slot:slot + 1], ro, rs, 1e-5)
 
 
+@pytest.mark.parametrize("small_grid", [0, 10 ** 6])
+def test_triton_decode_block_shapes(small_grid, monkeypatch):
+    """The recurrent kernel's block shape follows the grid (BV=32 for few (sequence, head)
+    programs, BV=64 for many): both shapes give the reference's decode on a state pool."""
+    from kimi_kda.kda import triton_recurrent
+    monkeypatch.setattr(triton_recurrent, "SMALL_GRID", small_grid)
+    H, K, V = 2, 64, 128
+    idx = torch.tensor([3, -1, 0])
+    (q, k, v, g, beta), _ = make(idx.numel(), H, K, V, seed=5)
+    q, k, v, g, beta = (x.transpose(0, 1).contiguous() for x in (q, k, v, g, beta))
+    pool = torch.randn(5, H, K, V)
+    before = pool.clone()
+    o, _ = fused_recurrent_kda(q, k, v, g, beta, initial_state=pool, ssm_state_indices=idx, backend="triton")
+    assert (o[1] == 0).all()
+    for b, slot in ((0, 3), (2, 0)):
+        ro, rs = reference(*(x[b:b + 1] for x in (q, k, v, g, beta)), before[slot:slot + 1])
+        check(o[b:b + 1], pool[slot:slot + 1], ro, rs, 1e-5)
+
+
 @pytest.mark.parametrize("T,H,K,V", SMALL)
 def test_triton_matches_naive(T, H, K, V):
     (q, k, v, g, beta), h0 = make(T, H, K, V)

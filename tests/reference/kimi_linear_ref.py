@@ -143,10 +143,26 @@ def _hi(x: torch.Tensor) -> torch.Tensor:
 
 
 _ROUND_TO: torch.dtype | None = None  # set only inside rounded_activations()
+_FP8_INPUTS: set[int] = set()  # ids of the weights whose inputs fp8_activations() quantizes
 
 
 def _round(x: torch.Tensor) -> torch.Tensor:
     return x if _ROUND_TO is None else x.to(_ROUND_TO).to(x.dtype)
+
+
+def _fp8_groups(x: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """x quantized to float8_e4m3fn and back, per row in `group`-wide column groups, each scaled
+    by a float32 factor so its largest |value| is 448 (at least 1 / (448 * 512)), the arithmetic
+    in float32 as the quantizer's."""
+    fp8 = torch.float8_e4m3fn
+    fp8_max = torch.finfo(fp8).max
+    rows, cols = x.shape[:-1], x.shape[-1]
+    if cols % group:
+        raise ValueError(f"FP8 input groups of {group} need a multiple of {group} columns, got {cols}")
+    g = x.float().reshape(*rows, cols // group, group)
+    scale = (g.abs().amax(-1, keepdim=True) / fp8_max).clamp(min=1 / (fp8_max * 512))
+    q = (g / scale).clamp(-fp8_max, fp8_max).to(fp8)
+    return (q.to(x.dtype) * scale.to(x.dtype)).reshape(x.shape)
 
 
 @contextmanager
@@ -164,6 +180,22 @@ def rounded_activations(dtype: torch.dtype = torch.bfloat16):
         _ROUND_TO = saved
 
 
+@contextmanager
+def fp8_activations(weights):
+    """Inside the block, a linear layer whose weight is one of `weights` (tensors of the loaded
+    model, e.g. those an FP8 checkpoint stores with a `weight_scale_inv`) quantizes its input as
+    vLLM's block-FP8 GEMMs do: per token, in 128-wide groups, to float8_e4m3 with a dynamic
+    scale (amax / 448), after the bf16 rounding of rounded_activations(). With that block, the
+    difference to the float64 result is the precision floor a served block-FP8 model is measured
+    against (weights as the checkpoint stores them; the weights' own quantization is in both)."""
+    global _FP8_INPUTS
+    saved, _FP8_INPUTS = _FP8_INPUTS, {id(w) for w in weights}
+    try:
+        yield
+    finally:
+        _FP8_INPUTS = saved
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * weight, in (at least) fp32; no "+1" on the weight."""
     h = _hi(x)
@@ -171,7 +203,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, round_output: bool = True) -> torch.Tensor:
-    y = _round(x) @ weight.T  # no Linear of the model has a bias
+    x = _round(x)
+    if id(weight) in _FP8_INPUTS:
+        x = _fp8_groups(x)
+    y = x @ weight.T  # no Linear of the model has a bias
     return _round(y) if round_output else y
 
 

@@ -31,6 +31,10 @@ EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = (_PUBLISHED[k] for k in ("num_experts", "
 # vLLM uses the entry nearest the step's token count: decode batches, then chunked-prefill steps
 # (8,192 tokens a step by default)
 BATCHES = (1, 16, 64, 256, 1024, 8192)
+# The batch sizes of the written file: vLLM's own tuning list, and 8,192. A file with the tuned
+# sizes alone would hand every other token count its nearest tuned neighbour's tiles (4,096
+# tokens those of 1,024); these keys hold vLLM's default for that size where nothing was tuned.
+FILE_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
 
 
 def search_space(M: int) -> list[dict]:
@@ -108,13 +112,30 @@ def tune(tp: int, batches, max_seconds: float, timer=None, device="cuda") -> dic
     return out
 
 
+def vllm_default(M: int, N: int) -> dict:
+    """The tiles vLLM picks for M tokens when it has no file (bf16), in the file's format."""
+    from vllm.model_executor.layers.fused_moe.fused_moe import get_default_config
+    cfg = get_default_config(M, EXPERTS, N, HIDDEN, TOP_K, None, None)
+    cfg.pop("SPLIT_K", None)  # set by the kernel's caller, not read from files
+    return cfg
+
+
+def file_table(tp: int, results: dict) -> dict[int, dict]:
+    """{M: config} for every FILE_BATCHES size and every tuned size: the tuned configuration
+    where one beat vLLM's default, vLLM's default elsewhere (so the file changes nothing but the
+    sizes tuning improved and the token counts nearest them)."""
+    N = INTERMEDIATE // tp
+    tuned = {M: cfg for M, (cfg, _, _) in results.items() if cfg is not None}
+    return {M: tuned.get(M) or vllm_default(M, N) for M in sorted(set(FILE_BATCHES) | set(results))}
+
+
 def write_vllm_config(out_dir: Path, tp: int, results: dict) -> Path | None:
-    """vLLM's file for this shape and GPU: {M: config}, batch sizes whose default won left out."""
+    """vLLM's file for this shape and GPU (None where the default won at every tuned size)."""
     import triton
     from vllm.model_executor.layers.fused_moe.fused_moe import get_config_file_name
-    table = {str(M): cfg for M, (cfg, _, _) in results.items() if cfg is not None}
-    if not table:
+    if all(cfg is None for cfg, _, _ in results.values()):
         return None
+    table = {str(M): cfg for M, cfg in file_table(tp, results).items()}
     path = out_dir / get_config_file_name(EXPERTS, INTERMEDIATE // tp, None)
     path.write_text(json.dumps({"triton_version": triton.__version__, **table}, indent=4) + "\n")
     return path

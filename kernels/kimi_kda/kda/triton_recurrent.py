@@ -88,6 +88,9 @@ def _recurrent_kda_kernel(
         tl.store(ht + i_n.to(tl.int64) * H * K * V + state_off, b_h.to(ht.dtype.element_ty), mask=mask_h)
 
 
+SMALL_GRID = 512  # (sequence, head) pairs up to which the recurrent kernel takes BV=32
+
+
 def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                use_qk_l2norm_in_kernel=False, cu_seqlens=None, ssm_state_indices=None,
                                *, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None,
@@ -115,8 +118,10 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
     bias = dt_bias.reshape(-1).contiguous() if dt_bias is not None else g
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if (output_final_state and not use_pool) else None
     BK = triton.next_power_of_2(K)
-    # measured on an H200 (kernels/RESULTS.md): BV=64 with 2 warps reads+writes the pool fastest
-    BV = block_v or min(triton.next_power_of_2(V), 64)
+    # measured on an H200 (kernels/RESULTS.md, decode_layer_bench): with few (sequence, head)
+    # programs BV=32 (more programs a head) is fastest, with many BV=64 reads+writes the pool
+    # fastest; 2 warps for both. The crossover lies between 512 and 1,024 programs.
+    BV = block_v or min(triton.next_power_of_2(V), 32 if N * H <= SMALL_GRID else 64)
     grid = (N * H, triton.cdiv(V, BV))
     _recurrent_kda_kernel[grid](
         q, k, v, g, beta, o, initial_state, ht, cu_seqlens, ssm_state_indices, a_log, bias,
