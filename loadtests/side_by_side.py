@@ -133,11 +133,17 @@ def _server(impl: str, model_dir: Path, serve_args: list[str], env: dict, out: P
         yield base, round(time.time() - t0, 1)
 
 
+# vLLM's GPU model runner launches this once per step (after sampling): its count in a trace is
+# the number of steps recorded
+STEP_MARKER_KERNEL = "_post_update_kernel"
+
+
 def kernel_table(trace_dir: Path, steps: int) -> dict:
     """The profiler's traces under `trace_dir` -> GPU kernel time by name and by KERNEL_KINDS,
-    divided by `steps` (CPU ops instead where the trace has no GPU kernels: a CPU plumbing check).
-    `steps` is the max_iterations asked of vLLM's profiler, which may record one step more: read
-    the figures as per step to a few percent, and compare implementations profiled alike."""
+    per step (CPU ops instead where the trace has no GPU kernels: a CPU plumbing check). The steps
+    are counted in the trace (STEP_MARKER_KERNEL) where it has them, else taken as `steps`, the
+    max_iterations asked of vLLM's profiler (which may record one step more, or, stopped late,
+    many more)."""
     files = sorted(trace_dir.rglob("*.pt.trace.json*"))
     events = []
     for f in files:
@@ -150,6 +156,7 @@ def kernel_table(trace_dir: Path, steps: int) -> dict:
         if e.get("cat") == cat and "dur" in e:
             by_name.setdefault(e["name"], []).append(float(e["dur"]))
     rows = sorted(((sum(d), len(d), n) for n, d in by_name.items()), reverse=True)
+    asked, steps = steps, len(by_name.get(STEP_MARKER_KERNEL, ())) or steps
     busy = gpu_busy([(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
                      if e.get("cat") == "kernel" and "ts" in e and "dur" in e])
     kinds: dict[str, float] = {}
@@ -157,7 +164,7 @@ def kernel_table(trace_dir: Path, steps: int) -> dict:
         low = name.lower()
         kind = next((k for k, frags in KERNEL_KINDS if any(x in low for x in frags)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + total / steps
-    return {"category": cat, "steps": steps, "traces": len(files),
+    return {"category": cat, "steps": steps, "steps_asked": asked, "traces": len(files),
             "us_per_step": round(sum(r[0] for r in rows) / steps, 1),
             "launches_per_step": round(sum(r[1] for r in rows) / steps, 1),
             **({"gpu_span_us_per_step": round(busy[0] / steps, 1), "gpu_busy_fraction": round(busy[1], 3)}

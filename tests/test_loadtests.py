@@ -206,6 +206,13 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
     assert (k["gpu_span_us_per_step"], k["gpu_busy_fraction"]) == (100.0, 0.4)
     assert k["by_kind_us_per_step"] == {"gemm": 20.0, "moe": 12.0, "kda/conv": 8.0, "copy/fill": 1.0}
     assert k["top"][0] == {"name": "nvjet_tst_128x64_gemm", "us_per_step": 20.0, "calls_per_step": 0.5}
+    # a trace with vLLM's once-a-step kernel is divided by the steps it holds, not those asked
+    trace["traceEvents"] += [{"cat": "kernel", "name": sbs.STEP_MARKER_KERNEL, "dur": 1.0, "ts": 200.0 + i}
+                             for i in range(4)]
+    with gzip.open(tmp_path / "profile" / "w" / "rank0.1.pt.trace.json.gz", "wt") as f:
+        json.dump(trace, f)
+    k = sbs.kernel_table(tmp_path / "profile", steps=2)
+    assert (k["steps"], k["steps_asked"], k["us_per_step"], k["launches_per_step"]) == (4, 2, 21.5, round(9 / 4, 1))
 
 
 def test_a_run_ended_by_sigterm_stops_its_servers(tmp_path):
