@@ -53,13 +53,14 @@ def test_reference_fp8_inputs_equal_vllms_group_quantizer():
     """tests/reference's FP8 activation emulation (the floor tests/gpu/test_gpu_fp8.py holds the
     FP8 server to) quantizes a bf16 input exactly as vLLM's dynamic per-token, 128-group FP8
     quantizer does, and only inside fp8_activations() and only for the weights it names."""
+    from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.quantization.input_quant_fp8 import QuantFP8
     from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape
+
     from tests.reference import kimi_linear_ref as ref
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(7, 384, generator=g) * torch.logspace(-3, 1, 384)).bfloat16()
     x[2, 128:256] = 0  # an all-zero group: the smallest scale, not a division by zero
-    from vllm.config import VllmConfig, set_current_vllm_config
     with set_current_vllm_config(VllmConfig()):  # a CustomOp reads it when built
         q, scale = QuantFP8(False, GroupShape(1, 128)).forward_native(x)
     theirs = (q.double().view(7, 3, 128) * scale.double()[..., None]).view(7, 384)

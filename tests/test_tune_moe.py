@@ -67,3 +67,22 @@ def test_the_plugin_points_vllm_at_its_tuned_configs(tmp_path, monkeypatch):
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
     use_tuned_moe_configs(tmp_path)
     assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(tmp_path)
+
+
+def test_shipped_h200_file_is_the_tuners_output_of_its_recorded_run(tmp_path):
+    """The lent GPU returns no file named like vLLM's (`=`, `,`), so the shipped file is written
+    from the run's tune_moe.json (`--from-summary`): it must be exactly what the tuner makes of
+    that record (moe_configs/README.md quotes its times)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "kernels/results/tune_moe_h200_2026-12-03.json").read_text())
+    assert tune_moe.main(["--out", str(tmp_path), "--from-summary",
+                          str(root / "kernels/results/tune_moe_h200_2026-12-03.json")]) == 0
+    (written,) = tmp_path.glob("E=*.json")
+    shipped = root / "vllm_kimi_linear/moe_configs" / summary["tp1"]["file"]
+    assert written.name == shipped.name == "E=256,N=1024,device_name=NVIDIA_H200.json"
+    ours, theirs = json.loads(written.read_text()), json.loads(shipped.read_text())
+    assert ours.pop("triton_version") == "not recorded" and theirs.pop("triton_version")
+    assert ours == theirs
+    tuned = {r["M"]: r["config"] for r in summary["tp1"]["rows"] if r["config"]}
+    assert {M: theirs[str(M)] for M in tuned} == tuned and "8192" in theirs

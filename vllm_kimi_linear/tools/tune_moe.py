@@ -1,6 +1,7 @@
 """Tune vLLM's fused MoE kernel for Kimi Linear's expert shape on this GPU (offline, GPU only).
 
     python -m vllm_kimi_linear.tools.tune_moe --out DIR [--tp 1 2 4 8] [--batches 1 16 64 ...]
+    python -m vllm_kimi_linear.tools.tune_moe --out DIR --from-summary tune_moe.json   # no GPU
 
 vLLM picks the Triton MoE kernel's tile sizes from a JSON file per (experts, intermediate size per
 GPU, device), `E=256,N=1024,device_name=NVIDIA_H200.json` for Kimi-Linear-48B-A3B at TP 1 on an
@@ -11,7 +12,8 @@ CUDA-graph replay of `fused_experts` on random bf16 weights of the published dim
 uniform random routing, and writes the best per batch size in vLLM's format (DIR/E=...json),
 with the default's time beside it (DIR/tune_moe.json). The engine reads such files from
 $VLLM_TUNED_CONFIG_FOLDER. `--max-seconds` bounds each TP's search, shared equally by its batch sizes (the best
-so far is kept).
+so far is kept). The summary holds everything the files are made of, so `--from-summary` writes
+them again anywhere: the lent GPU machine returns no file whose name has vLLM's `=` and `,`.
 """
 from __future__ import annotations
 
@@ -129,16 +131,35 @@ def file_table(tp: int, results: dict) -> dict[int, dict]:
     return {M: tuned.get(M) or vllm_default(M, N) for M in sorted(set(FILE_BATCHES) | set(results))}
 
 
-def write_vllm_config(out_dir: Path, tp: int, results: dict) -> Path | None:
-    """vLLM's file for this shape and GPU (None where the default won at every tuned size)."""
-    import triton
-    from vllm.model_executor.layers.fused_moe.fused_moe import get_config_file_name
+def write_vllm_config(out_dir: Path, tp: int, results: dict, name: str | None = None,
+                      triton_version: str | None = None) -> Path | None:
+    """vLLM's file for this shape (None where the default won at every tuned size). `name`: the
+    file name for this GPU (default: vLLM's for the GPU here); `triton_version`: recorded in the
+    file (default: this Triton's)."""
     if all(cfg is None for cfg, _, _ in results.values()):
         return None
+    if name is None:
+        from vllm.model_executor.layers.fused_moe.fused_moe import get_config_file_name
+        name = get_config_file_name(EXPERTS, INTERMEDIATE // tp, None)
+    if triton_version is None:
+        import triton
+        triton_version = triton.__version__
     table = {str(M): cfg for M, cfg in file_table(tp, results).items()}
-    path = out_dir / get_config_file_name(EXPERTS, INTERMEDIATE // tp, None)
-    path.write_text(json.dumps({"triton_version": triton.__version__, **table}, indent=4) + "\n")
+    path = out_dir / name
+    path.write_text(json.dumps({"triton_version": triton_version, **table}, indent=4) + "\n")
     return path
+
+
+def from_summary(summary: dict, out_dir: Path) -> list[Path]:
+    """vLLM's files again from a tune_moe.json: its file names, tuned configurations and times."""
+    paths = []
+    for key, tp_summary in summary.items():
+        if not key.startswith("tp") or tp_summary["file"] is None:
+            continue
+        results = {r["M"]: (r["config"], r["best_us"], r["default_us"]) for r in tp_summary["rows"]}
+        paths.append(write_vllm_config(out_dir, int(key[2:]), results, tp_summary["file"],
+                                       summary.get("triton_version", "not recorded")))
+    return paths
 
 
 def main(argv=None) -> int:
@@ -147,9 +168,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, nargs="+", default=[1])
     ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     ap.add_argument("--max-seconds", type=float, default=240.0, help="search time per TP")
+    ap.add_argument("--from-summary", type=Path, help="write vLLM's files from this tune_moe.json, no tuning")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    summary = {}
+    if a.from_summary:
+        for path in from_summary(json.loads(a.from_summary.read_text()), a.out):
+            print(path)
+        return 0
+    import triton
+    summary = {"triton_version": triton.__version__}
     for tp in a.tp:
         res = tune(tp, a.batches, a.max_seconds)
         path = write_vllm_config(a.out, tp, res)
