@@ -215,6 +215,36 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
     assert (k["steps"], k["steps_asked"], k["us_per_step"], k["launches_per_step"]) == (4, 2, 21.5, round(9 / 4, 1))
 
 
+def test_side_by_side_bench_records_how_the_output_streamed(tmp_path, monkeypatch):
+    """A row keeps `vllm bench serve`'s per-request timelines (--save-detailed) and the number of
+    stream chunks the median request's output came in: TPOT over 63 tokens that arrived in two
+    chunks is not a decode-step figure, and the summary must show it."""
+    import subprocess
+    import types
+
+    import requests
+
+    from loadtests import side_by_side as sbs
+
+    monkeypatch.setattr(requests, "post", lambda *a, **k: types.SimpleNamespace(raise_for_status=lambda: None))
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        name = cmd[cmd.index("--result-filename") + 1]
+        (tmp_path / name).write_text(json.dumps({
+            "completed": 3, "failed": 0, "total_input_tokens": 300, "duration": 2.0,
+            "median_tpot_ms": 5.0, "itls": [[0.1] * 63, [1.6, 1.7], [0.2] * 9]}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sbs.subprocess, "run", fake_run)
+    monkeypatch.setitem(sbs.ROWS, "probe", (100, 64, 3, 1, ("median_tpot_ms",)))
+    res = sbs.bench("http://x", tmp_path, "probe", tmp_path, "plugin", {}, seed=1)
+    assert "--save-detailed" in seen["cmd"]
+    assert res["stream_chunks"] == 10 and res["input_throughput"] == 150.0
+    assert "stream_chunks" in sbs.KEEP
+
+
 def test_a_run_ended_by_sigterm_stops_its_servers(tmp_path):
     """`timeout` (and a device call's limit) ends a run with SIGTERM. The harness starts each server
     in its own process session, so unless the run turns SIGTERM into an orderly exit, the server

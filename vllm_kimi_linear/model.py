@@ -32,7 +32,7 @@ from vllm.sequence import IntermediateTensors
 from .checkpoint import check_all_present, check_no_quant_tensors, check_tensor, expected_tensors, quant_scheme
 from .config import KimiLinearDims, raw_config
 from .layers.kda import KimiDeltaAttention, kda_packed_modules, kda_state_dtype, kda_state_shape
-from .layers.mla import KimiMLAAttention
+from .layers.mla import mla_layer
 from .layers.moe import KimiMLP, KimiMoE
 
 
@@ -42,7 +42,7 @@ logger = init_logger("vllm.kimi_linear")
 class KimiDecoderLayer(nn.Module):
     def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, i: int, prefix: str):
         super().__init__()
-        attn = KimiDeltaAttention if dims.is_kda(i) else KimiMLAAttention
+        attn = KimiDeltaAttention if dims.is_kda(i) else mla_layer
         self.self_attn = attn(vllm_config, dims, prefix=f"{prefix}.self_attn")
         if dims.is_moe(i):
             self.block_sparse_moe = KimiMoE(vllm_config, dims, prefix=f"{prefix}.block_sparse_moe")

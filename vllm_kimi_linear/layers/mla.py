@@ -1,13 +1,24 @@
 """The full-attention layers: multi-head latent attention without rotary embedding (NoPE).
 
-This module owns the MLA projections, named as in the checkpoint, and hands them to vLLM's
-MultiHeadLatentAttentionWrapper with rotary_emb=None; vLLM then does the latent KV cache (576
-values per token: 512 latent + 64 "rope" part, unrotated), the weight absorption for decode,
-and the attention backend (CPU_MLA on CPU). TP: heads sharded, the latent path replicated.
+This module owns the choice of MLA layer and, on platforms other than CUDA, the layer itself.
+Both hold the checkpoint's projections under the checkpoint's names (self_attn.q_proj,
+kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), take `(positions, hidden_states)` and
+keep a paged latent cache of 576 values per token (512 latent + 64 "rope" part, unrotated).
+
+- CUDA, unquantized latent cache: vLLM's own Kimi MLA layer (`vllm.models.kimi_k3.nvidia.mla`,
+  the one vLLM's in-tree Kimi Linear serves with). It fuses what the generic path runs as
+  separate kernels: the decode query concat with the cache insert, the prefill key concat with
+  the cache insert, and, per chunk of cached context in a long prefill, the up-projected K/V
+  packing, written straight into the partial it merges.
+- Elsewhere (CPU; a quantized KV cache, which that layer takes only with an fp8 prefill query):
+  `KimiMLAAttention`, vLLM's generic `MultiHeadLatentAttentionWrapper` with rotary_emb=None.
+
+TP: heads sharded, the latent path replicated, in both.
 """
 from __future__ import annotations
 
-import torch
+from types import SimpleNamespace
+
 from torch import nn
 
 from vllm.config import VllmConfig
@@ -16,11 +27,38 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (ColumnParallelLinear, ReplicatedLinear,
                                                RowParallelLinear)
 from vllm.model_executor.layers.mla import MLAModules, MultiHeadLatentAttentionWrapper
+from vllm.platforms import current_platform
+from vllm.utils.torch_utils import is_quantized_kv_cache
 
 from ..config import KimiLinearDims
 
 
+def uses_fused_mla(vllm_config: VllmConfig) -> bool:
+    """Whether the MLA layers are vLLM's fused Kimi MLA layer (see the module docstring)."""
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    return current_platform.is_cuda() and not is_quantized_kv_cache(cache_dtype)
+
+
+def mla_layer(vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str) -> nn.Module:
+    if not uses_fused_mla(vllm_config):
+        return KimiMLAAttention(vllm_config, dims, prefix)
+    from vllm.models.kimi_k3.nvidia.mla import MultiHeadLatentAttention
+    mla = dims.mla
+    return MultiHeadLatentAttention(
+        config=SimpleNamespace(rms_norm_eps=dims.rms_norm_eps),  # all it reads without RoPE
+        hidden_size=dims.hidden_size, num_heads=mla.num_heads,
+        qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim,
+        v_head_dim=mla.v_head_dim, q_lora_rank=None,  # full-rank q_proj, as Kimi Linear has
+        kv_lora_rank=mla.kv_lora_rank, use_output_gate=False,
+        cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
+        prefix=prefix, use_rope=False)
+
+
 class KimiMLAAttention(nn.Module):
+    """vLLM's generic MLA path: the projections handed to MultiHeadLatentAttentionWrapper, which
+    does the latent KV cache, the weight absorption for decode and the attention backend
+    (CPU_MLA on CPU)."""
+
     def __init__(self, vllm_config: VllmConfig, dims: KimiLinearDims, prefix: str):
         super().__init__()
         hid, mla, quant = dims.hidden_size, dims.mla, vllm_config.quant_config
@@ -49,5 +87,5 @@ class KimiMLAAttention(nn.Module):
             cache_config=vllm_config.cache_config, quant_config=quant,
             prefix=prefix)
 
-    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions, hidden_states):
         return self.mla_attn(positions, hidden_states)
