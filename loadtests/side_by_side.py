@@ -52,7 +52,10 @@ ROWS = {  # name: (input tokens, output tokens, prompts, concurrency, the row's 
 HIGHER_IS_BETTER = {"input_throughput": True, "median_tpot_ms": False, "median_ttft_ms": False}
 WARMUP = (8192, 32, 8, 8, ("median_tpot_ms",))  # compiles what the rows run, costs little
 # 1,048,576 (the published context) holds the 1M row; the other rows are the same at any length
-SERVE_ARGS = ["--load-format", "dummy", "--max-model-len", "1048576", "--gpu-memory-utilization", "0.92"]
+# --jit-monitor-verbose: a compile after warm-up is logged with its constants, so a first-request
+# compile (the plugin's tuned MoE tiles gave one, 2026-12-03) names the shape it was for
+SERVE_ARGS = ["--load-format", "dummy", "--max-model-len", "1048576", "--gpu-memory-utilization", "0.92",
+              "--jit-monitor-verbose"]
 SERVED = "kimi-linear-48b-dummy"
 PROFILE_STEPS = 32
 # ~30 s of decode at 32K on an H200: /start_profile itself took 6 s there, longer than 1,024 tokens
