@@ -184,8 +184,13 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
     assert ratios["prefill-8k"] == ratios["decode-32k-c1"] == 1.25
     assert ratios["1m median_ttft_ms"] == ratios["1m median_tpot_ms"] == 1.25
     assert "decode-32k-c16" not in ratios and "| decode-32k-c16 | median_tpot_ms | None | None | not measured |" in table
+    # the profiler's flags do not count (idle until the profile after the rows): one side profiled
+    plugin = json.loads((tmp_path / "summary-plugin.json").read_text())
+    plugin["serve_args"] = sbs.SERVE_ARGS + sbs.profiler_args(tmp_path)
+    (tmp_path / "summary-plugin.json").write_text(json.dumps(plugin))
+    assert sbs.report(tmp_path) == table
     (tmp_path / "summary-intree.json").write_text(json.dumps(
-        {"impl": "intree", "rows": {}, "serve_args": ["--enforce-eager"], "scale": 1.0}))
+        {"impl": "intree", "rows": {}, "serve_args": sbs.SERVE_ARGS + ["--enforce-eager"], "scale": 1.0}))
     with pytest.raises(SystemExit, match="not comparable"):
         sbs.report(tmp_path)
 
