@@ -260,3 +260,30 @@ def test_fused_recurrent_decode_reads_strided_views_and_writes_out_in_place(back
         fused_recurrent_kda(q, k, v, f, b, initial_state=pool.clone(), ssm_state_indices=slots,
                             A_log=A_log, dt_bias=dt_bias, backend=backend,
                             out=torch.empty(N, 2, H, K), **FUSED)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chunk_writes_out_in_place(backend):
+    """The layer's prefill call hands `out`, rows of its own buffer: the result lands there (the
+    Triton kernel writes it, no copy), is what the call without `out` returns, and leaves the
+    buffer's other rows alone; an `out` of the wrong shape or dtype is refused, and on Triton one
+    that is not contiguous."""
+    lens = [3, 70]
+    T, H, D = sum(lens), 2, 32
+    cu = cu_of(lens)
+    (q, k, v, f, b), A_log, dt_bias, h0 = make_raw(T, H, D, D, N=len(lens), seed=3)
+    kw = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu, A_log=A_log, dt_bias=dt_bias,
+              backend=backend, **FUSED)
+    want, want_s = chunk_kda(q, k, v, f, b, **kw)
+    buf = torch.full((T + 3, H, D), 7.0)
+    got, got_s = chunk_kda(q, k, v, f, b, out=buf[1:T + 1].view(1, T, H, D), **kw)
+    assert got.data_ptr() == buf[1].data_ptr()
+    torch.testing.assert_close(buf[1:T + 1].view(1, T, H, D), want, rtol=0, atol=0)
+    torch.testing.assert_close(got_s, want_s, rtol=0, atol=0)
+    assert (buf[0] == 7.0).all() and (buf[T + 1:] == 7.0).all()
+    bad = [torch.empty(1, T, H, D + 1), torch.empty(1, T, H, D, dtype=torch.float64)]
+    if backend == "triton":  # (the torch backend copies its result into any layout)
+        bad.append(torch.empty(1, T, H, 2 * D)[..., ::2])
+    for bad in bad:
+        with pytest.raises(ValueError, match="out must"):
+            chunk_kda(q, k, v, f, b, out=bad, **kw)

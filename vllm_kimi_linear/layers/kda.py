@@ -264,13 +264,13 @@ class KimiDeltaAttention(nn.Module, MambaBase):
         q, k, v = self._heads(x, (1, T))
         # vLLM does not clear a slot on reuse: a new request must start from zeros.
         init = torch.where(has_initial_state.view(-1, 1, 1, 1), ssm_state[slots.long()].float(), 0.0)
-        o, final = chunk_kda(q, k, v, f.reshape(1, T, H, D), b.reshape(1, T, H),
+        # `out` is rows of the layer's contiguous buffer: the kernel writes them, no copy
+        _, final = chunk_kda(q, k, v, f.reshape(1, T, H, D), b.reshape(1, T, H),
                              scale=D ** -0.5, initial_state=init, output_final_state=True,
                              use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
                              use_beta_sigmoid_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
-                             cu_seqlens=cu, chunk_layout=layout.chunk_layout)
+                             cu_seqlens=cu, chunk_layout=layout.chunk_layout, out=out.view(1, T, H, D))
         ssm_state[slots.long()] = final.to(ssm_state.dtype)
-        out.copy_(o.reshape(T, H, D))
 
     def _profile_prefill(self, qkv, f, b) -> None:
         """vLLM's profile run (a forward without metadata) skips every KDA layer. Once per process,

@@ -25,7 +25,8 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               use_qk_l2norm_in_kernel=False, cu_seqlens=None, backend=None, chunk_layout=None,
-              use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None, dt_bias=None):
+              use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None, dt_bias=None,
+              out=None):
     """Chunked KDA prefill. q, k, g: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g is the
     per-channel log-decay (<= 0). States are [N, H, K, V] float32; with `cu_seqlens` [N + 1],
     B == 1 and N sequences are packed along T. Returns (o [B, T, H, V], final_state or None).
@@ -36,18 +37,33 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     Pre-processing in the kernels, fla-core's keywords and formulas:
     `use_gate_in_kernel`: g is the raw gate projection f, and g = -exp(A_log) * softplus(f + dt_bias)
     (A_log [H], dt_bias [H*K] or None); `use_beta_sigmoid_in_kernel`: beta holds logits, and
-    beta = sigmoid(beta); `use_qk_l2norm_in_kernel`: q and k are l2-normalised over K."""
+    beta = sigmoid(beta); `use_qk_l2norm_in_kernel`: q and k are l2-normalised over K.
+
+    `out` [B, T, H, V], contiguous, v's dtype: where the output goes (returned); the Triton
+    kernel writes it directly (the layer's buffer: no copy)."""
     args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
     pre = dict(use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
                A_log=A_log, dt_bias=dt_bias)
     be = resolve_backend(q.device, backend)
     if be == "triton":
         from .triton_chunk import chunk_kda_triton
-        return chunk_kda_triton(*args, chunk_layout=chunk_layout, **pre)
+        return chunk_kda_triton(*args, chunk_layout=chunk_layout, out=out, **pre)
     if be == "fla":
         from .fla_backend import chunk_kda_fla
-        return chunk_kda_fla(*args, **pre)
-    return chunk_kda_torch(*args, **pre)
+        o, state = chunk_kda_fla(*args, **pre)
+    else:
+        o, state = chunk_kda_torch(*args, **pre)
+    return _into(out, o), state
+
+
+def _into(out, o):
+    """`o`, or `o` copied into the caller's `out` (the backends that allocate their own output)."""
+    if out is None:
+        return o
+    if out.shape != o.shape or out.dtype != o.dtype:
+        raise ValueError(f"out must be a {o.dtype} tensor of shape {tuple(o.shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out.copy_(o)
 
 
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -74,11 +90,7 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
         o, state = fused_recurrent_kda_fla(*args, **pre)
     else:
         o, state = fused_recurrent_kda_torch(*args, **pre)
-    if out is None:
-        return o, state
-    if out.shape != o.shape:
-        raise ValueError(f"out must have the output's shape {tuple(o.shape)}, got {tuple(out.shape)}")
-    return out.copy_(o), state
+    return _into(out, o), state
 
 
 __all__ = ["chunk_kda", "fused_recurrent_kda", "kda_gate", "resolve_backend", "check_kda_args", "BACKENDS"]

@@ -473,12 +473,14 @@ DEFAULTS = dict(cumsum_bk=64, cumsum_warps=4, diag_bh=2, diag_warps=1, solve_bk=
 def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, chunk_layout=None,
                      use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False, A_log=None, dt_bias=None,
-                     **cfg):
+                     out=None, **cfg):
     """`chunk_layout`: the four device tensors of `args.chunk_layout_host` for `cu_seqlens`, built
     ahead (no host read here then). `use_gate_in_kernel`: g is the raw gate projection f and
     g = -exp(A_log) softplus(f + dt_bias) is applied in the cumsum launch; `use_beta_sigmoid_in_kernel`:
     beta holds logits; `use_qk_l2norm_in_kernel`: q and k are normalised inside the kernels (never
-    in memory). `cfg` overrides `DEFAULTS` (block shapes and dot precisions, for benchmarks)."""
+    in memory). `out` [B, T, H, V] (optional): a contiguous tensor of v's dtype the output kernel
+    writes, e.g. the layer's buffer. `cfg` overrides `DEFAULTS` (block shapes and dot precisions,
+    for benchmarks)."""
     unknown = set(cfg) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}")
@@ -488,6 +490,11 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         raise ValueError(f"state_bv must be 32, 64 or 128, got {cfg['state_bv']}")
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, A_log=A_log,
                                       dt_bias=dt_bias, use_gate_in_kernel=use_gate_in_kernel)
+    if out is None:
+        out = v.new_empty(B, T, H, V)
+    elif out.shape != (B, T, H, V) or out.dtype != v.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {v.dtype} tensor of shape {(B, T, H, V)}, got "
+                         f"{'a non-contiguous ' if not out.is_contiguous() else ''}{out.dtype} {tuple(out.shape)}")
     scale = K ** -0.5 if scale is None else scale
     q, k, v = (token_rows(x, B * T) for x in (q, k, v))
     g, beta = (x.reshape(B * T, *x.shape[2:]).contiguous() for x in (g, beta))
@@ -507,7 +514,7 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     if NC == 0:
         if ht is not None:
             ht.copy_(h0) if h0 is not None else ht.zero_()
-        return v.new_empty(B, T, H, V), ht
+        return out, ht
     low = q.dtype if lowp else torch.float32   # what later launches read as dot operands
     lo = dict(dtype=low, device=q.device)
     # chunk bounds: computed in the kernels for B sequences of length T, else read from the layout
@@ -557,10 +564,10 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         # fp32 tiles at 4 stages need more shared memory than an H200 has (239 KB of 227)
         LOWP=lowp, NUM_STAGES=cfg["state_stages"] if lowp else min(cfg["state_stages"], 3), num_warps=4)
     del w, kend
-    o = torch.empty(total, H, V, dtype=v.dtype, device=q.device)
+    o = out.view(total, H, V)
     obv = min(BVfull, cfg["out_bv"])
     _output_kernel[(NC, H, triton.cdiv(V, obv))](
         qg, h, Aqk, u, o, rk, starts, ends,
         H=H, K=K, V=V, BT=BT, BK=min(BK, cfg["out_bk"]), BV=obv, LOWP=lowp, num_warps=cfg["out_warps"],
         QK_NORM=use_qk_l2norm_in_kernel, **lay)
-    return o.reshape(B, T, H, V), ht
+    return out, ht
