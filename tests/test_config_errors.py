@@ -310,6 +310,27 @@ def test_micro_batching_is_refused_at_config_time():
         KimiLinearConfigHook.verify_and_update_config(cfg)
 
 
+@pytest.mark.parametrize("flag", ["decode_context_parallel_size", "prefill_context_parallel_size"])
+def test_context_parallelism_is_refused_at_config_time(flag):
+    """A KDA layer scans every token of its sequence on one rank; context parallelism (tokens or
+    their KV cache split across ranks) is refused before any worker starts."""
+    from vllm_kimi_linear.hooks import KimiLinearConfigHook
+    pc = SimpleNamespace(use_ubatching=False, decode_context_parallel_size=1, prefill_context_parallel_size=1)
+    setattr(pc, flag, 2)
+    cfg = SimpleNamespace(speculative_config=None, parallel_config=pc)
+    with pytest.raises(ValueError, match="does not support context parallelism: .* serve without "
+                                         "--decode-context-parallel-size / --prefill-context-parallel-size"):
+        KimiLinearConfigHook.verify_and_update_config(cfg)
+
+
+def test_context_parallelism_flags_reach_the_hook(tiny):
+    """The same refusal through vLLM's own config building, from the command-line flag."""
+    from vllm.engine.arg_utils import EngineArgs
+    args = EngineArgs(model=str(tiny), tensor_parallel_size=2, decode_context_parallel_size=2)
+    with pytest.raises(Exception, match="does not support context parallelism"):
+        args.create_engine_config()
+
+
 def test_tied_embeddings_with_pipeline_parallelism_are_refused(tiny, tmp_path):
     """The embedding (first stage) and lm_head (last stage) cannot be one tensor: the hook says so."""
     from vllm_kimi_linear.hooks import KimiLinearConfigHook

@@ -30,6 +30,15 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
             # list-shaped (per micro-batch) metadata would reach a layer that reads one batch
             raise ValueError("Kimi Linear (vllm-kimi-linear) does not support micro-batching yet: "
                              "serve without --enable-dbo / --ubatch-size")
+        pc = vllm_config.parallel_config
+        if max(getattr(pc, "decode_context_parallel_size", 1), getattr(pc, "prefill_context_parallel_size", 1)) > 1:
+            # Context parallelism splits a sequence's tokens (or its KV cache) across ranks; a KDA
+            # layer's recurrent state is a scan over every token of its sequence on one rank.
+            raise ValueError("Kimi Linear (vllm-kimi-linear) does not support context parallelism: "
+                             "the KDA layers' recurrent state needs all of a sequence's tokens on one "
+                             "rank; serve without --decode-context-parallel-size / "
+                             "--prefill-context-parallel-size (split the model with "
+                             "--tensor-parallel-size or --pipeline-parallel-size instead)")
         mc = vllm_config.model_config
         on_cpu = current_platform.is_cpu()
         if on_cpu and vllm_config.parallel_config.enable_expert_parallel:
