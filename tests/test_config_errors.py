@@ -331,6 +331,16 @@ def test_context_parallelism_flags_reach_the_hook(tiny):
         args.create_engine_config()
 
 
+def test_fp8_kv_cache_on_cpu_is_refused_at_start_up(tiny):
+    """vLLM 0.32's CPU MLA kernels assert on an FP8 latent cache at the first prompt (the engine
+    died there, seen here before this check): refused while the config is built."""
+    from vllm.engine.arg_utils import EngineArgs
+    with pytest.raises(Exception, match=r"on CPU: --kv-cache-dtype fp8 is not supported by vLLM's CPU "
+                                        r"MLA kernels .* serve with the default --kv-cache-dtype auto"):
+        EngineArgs(model=str(tiny), kv_cache_dtype="fp8").create_engine_config()
+    EngineArgs(model=str(tiny)).create_engine_config()  # the default cache builds
+
+
 def test_tied_embeddings_with_pipeline_parallelism_are_refused(tiny, tmp_path):
     """The embedding (first stage) and lm_head (last stage) cannot be one tensor: the hook says so."""
     from vllm_kimi_linear.hooks import KimiLinearConfigHook

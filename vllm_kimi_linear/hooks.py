@@ -48,6 +48,12 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
                              "supported by vLLM's CPU MoE kernels (the worker would crash); on CPU "
                              "serve with --tensor-parallel-size alone (experts are then split by "
                              "intermediate size)")
+        cache_dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto")
+        if on_cpu and str(cache_dtype).startswith("fp8"):
+            # vLLM 0.32's CPU MLA path asserts on a quantized cache at the first prefill: a dead engine
+            raise ValueError(f"Kimi Linear (vllm-kimi-linear) on CPU: --kv-cache-dtype {cache_dtype} is "
+                             f"not supported by vLLM's CPU MLA kernels (the engine would die at the "
+                             f"first prompt); serve with the default --kv-cache-dtype auto")
         cfg = raw_config(mc.hf_config, mc.model)
         dims = validate_config(cfg, tp_size=vllm_config.parallel_config.tensor_parallel_size,
                                on_cpu=on_cpu)
