@@ -349,7 +349,9 @@ def test_tied_embeddings_with_pipeline_parallelism_are_refused(tiny, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": True}))
     vc = SimpleNamespace(
         speculative_config=None,
+        cache_config=SimpleNamespace(cache_dtype="auto"),
         parallel_config=SimpleNamespace(use_ubatching=False, tensor_parallel_size=1, pipeline_parallel_size=2,
+                                        decode_context_parallel_size=1, prefill_context_parallel_size=1,
                                         enable_expert_parallel=False),
         model_config=SimpleNamespace(model=str(d), tokenizer=str(d), hf_config=None, dtype=torch.float32,
                                      quantization=None, tokenizer_mode="auto"))

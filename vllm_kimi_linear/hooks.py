@@ -7,6 +7,7 @@ is ONE clear ValueError at start-up rather than a failure inside a worker.
 from pathlib import Path
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from vllm.utils.torch_utils import is_quantized_kv_cache
 
 from .checkpoint import check_checkpoint, quant_scheme
 from .config import raw_config, validate_config
@@ -31,7 +32,7 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
             raise ValueError("Kimi Linear (vllm-kimi-linear) does not support micro-batching yet: "
                              "serve without --enable-dbo / --ubatch-size")
         pc = vllm_config.parallel_config
-        if max(getattr(pc, "decode_context_parallel_size", 1), getattr(pc, "prefill_context_parallel_size", 1)) > 1:
+        if max(pc.decode_context_parallel_size, pc.prefill_context_parallel_size) > 1:
             # Context parallelism splits a sequence's tokens (or its KV cache) across ranks; a KDA
             # layer's recurrent state is a scan over every token of its sequence on one rank.
             raise ValueError("Kimi Linear (vllm-kimi-linear) does not support context parallelism: "
@@ -48,8 +49,8 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
                              "supported by vLLM's CPU MoE kernels (the worker would crash); on CPU "
                              "serve with --tensor-parallel-size alone (experts are then split by "
                              "intermediate size)")
-        cache_dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto")
-        if on_cpu and str(cache_dtype).startswith("fp8"):
+        cache_dtype = vllm_config.cache_config.cache_dtype
+        if on_cpu and is_quantized_kv_cache(cache_dtype):
             # vLLM 0.32's CPU MLA path asserts on a quantized cache at the first prefill: a dead engine
             raise ValueError(f"Kimi Linear (vllm-kimi-linear) on CPU: --kv-cache-dtype {cache_dtype} is "
                              f"not supported by vLLM's CPU MLA kernels (the engine would die at the "
