@@ -112,15 +112,14 @@ def bench(base: str, model_dir: Path, row: str, out: Path, impl: str, env: dict,
     return res
 
 
-def comparable(serve_args: list[str]) -> list[str]:
-    """The flags that decide what a row measures: all but the profiler's, which stays idle until
-    the decode profile that runs after the rows (so one side may be profiled, the other not)."""
-    out, skip = [], False
-    for a in serve_args:
-        if not skip and a != "--profiler-config":
-            out.append(a)
-        skip = a == "--profiler-config"
-    return out
+def comparable(serve_args: list[str], scale: float) -> tuple[list[str], float]:
+    """What decides what a row measures: the scale and every flag but the profiler's, which stays
+    idle until the decode profile that runs after the rows (so one side may be profiled, the
+    other not). Two summaries compare when this is equal."""
+    if "--profiler-config" in serve_args:  # `profiler_args`: the flag and its JSON
+        i = serve_args.index("--profiler-config")
+        serve_args = serve_args[:i] + serve_args[i + 2:]
+    return serve_args, scale
 
 
 def profiler_args(out: Path) -> list[str]:
@@ -267,8 +266,7 @@ def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, sc
     env = impl_env(impl, VLLM_SERVER_DEV_MODE="1")  # the dev routes: /reset_prefix_cache
     path = out / f"summary-{impl}.json"
     summary = json.loads(path.read_text()) if path.exists() else {"impl": impl, "rows": {}}
-    if summary.get("rows") and (comparable(summary.get("serve_args", [])), summary.get("scale")) != (
-            comparable(serve_args), scale):
+    if summary.get("rows") and comparable(summary["serve_args"], summary["scale"]) != comparable(serve_args, scale):
         raise SystemExit(f"{path} holds rows served with other flags or scale: use another --out")
     summary |= {"serve_args": serve_args, "scale": scale}
     with _server(impl, model_dir, serve_args, env, out, keep) as (base, startup_s):
@@ -298,7 +296,7 @@ def report(out: Path) -> str:
     """plugin / in-tree speed per row (> 1: the plugin is faster): prompt tokens/s for prefill,
     1 / median TPOT for decode (output tokens/s would mostly time the 32K prefills)."""
     p, t = (json.loads((out / f"summary-{i}.json").read_text()) for i in ("plugin", "intree"))
-    if (comparable(p.get("serve_args", [])), p.get("scale")) != (comparable(t.get("serve_args", [])), t.get("scale")):
+    if comparable(p["serve_args"], p["scale"]) != comparable(t["serve_args"], t["scale"]):
         raise SystemExit("the two summaries were served with other flags or scale: not comparable")
     lines = ["| row | figure | plugin | in-tree | plugin / in-tree speed |", "|---|---|---|---|---|"]
     ratios = {}
