@@ -30,8 +30,9 @@ if [ "$wait_only" = 0 ]; then
   fi
   base="$(cat /tmp/sbs/server-plugin.url)"
   rm -rf "$run" "$run".{log,rc,pid}
-  setsid nohup bash -c 'python3 -m loadtests "$@"; echo $? > "'"$run"'.rc"' loadtests "$scenario" \
-    --base-url "$base/v1" --tokenizer /tmp/sbs/published-config --out "$run" --no-progress "$@" \
+  # $1: where its exit status goes; the rest: the load test's arguments
+  setsid nohup bash -c 'rc_file=$1; shift; python3 -m loadtests "$@"; echo $? > "$rc_file"' _ "$run.rc" \
+    "$scenario" --base-url "$base/v1" --tokenizer /tmp/sbs/published-config --out "$run" --no-progress "$@" \
     > "$run.log" 2>&1 < /dev/null &
   echo $! > "$run.pid"
   echo "load test $scenario started (pid $(cat "$run.pid")) after $(( $(date +%s) - start )) s" | tee -a "$out/load.log"
