@@ -82,10 +82,11 @@ def test_fused_layer_decode_arithmetic_equals_the_reference(vllm_context, checkp
     dims, m = checkpoint
     (i,) = m.mla
     prefix = f"model.layers.{i}.self_attn"
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
     layer = _build(vllm_context, dims, monkeypatch, True, prefix + "_decode")
     for name, p in layer.named_parameters():
         w = m.w[f"{prefix}.{name}"].float()
-        getattr(p, "weight_loader", lambda p, w: p.data.copy_(w))(p, w)
+        getattr(p, "weight_loader", default_weight_loader)(p, w)  # as the model's load_weights does
     # (the linears' CPU repacking is left out: it would drop the weights this test reads)
     layer.process_weights_after_loading(torch.float32)
     lin = lambda mod, x: torch.nn.functional.linear(x, mod.weight)  # noqa: E731
