@@ -9,12 +9,14 @@
 Serves Kimi-Linear-48B-A3B's published config with `--load-format dummy` (the builder's
 `--published-config`: dimensions exactly as published, random weights, no download) with vLLM's
 defaults (CUDA graphs, async scheduling, chunked prefill, prefix caching), and measures each row
-with vLLM's own `vllm bench serve` (random prompts of an exact token count, `--ignore-eos`):
-prefill throughput at 8K/32K/128K prompts (one request at a time, 1 output token), and decode at
-a 32K context with 1, 16 and 64 concurrent requests (median TPOT), and one request of 1,000,000
-prompt tokens (its TTFT and TPOT; last, as it takes minutes). One warm-up round first, so no
-row pays for kernel compilation; the prefix cache is reset before every row and each row draws
-its own prompts. Every `vllm bench serve` JSON is kept in DIR.
+with vLLM's own `vllm bench serve` (run in this process; random prompts of an exact token count,
+`--ignore-eos`): prefill throughput at 8K/32K/128K prompts (one request at a time, 1 output
+token), decode at a 32K context with 1, 16 and 64 concurrent requests (median TPOT), one request
+of 1,000,000 prompt tokens and 1 output token (TTFT), then the same prompt again from the prefix
+cache with 256 output tokens (TPOT at a 1M context). One warm-up round first, so no row pays
+for kernel compilation; the prefix cache is reset before every row but the 1M decode one, and
+each row draws its own prompts. Every `vllm bench serve` JSON is kept in DIR, and each row's
+(input, output, prompts, concurrency) in the summary: `report` compares only equal ones.
 
 `--profile-decode` serves with vLLM's torch profiler configured (the same flags for both
 implementations) and, after the rows, records PROFILE_STEPS decode steps of one request at a 32K
@@ -32,23 +34,28 @@ import argparse
 import gzip
 import json
 import random
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 ROWS = {  # name: (input tokens, output tokens, prompts, concurrency, the row's figures)
-    "prefill-8k": (8192, 1, 8, 1, ("input_throughput",)),
-    "prefill-32k": (32768, 1, 4, 1, ("input_throughput",)),
-    "prefill-128k": (131072, 1, 2, 1, ("input_throughput",)),
-    "decode-32k-c1": (32768, 128, 1, 1, ("median_tpot_ms",)),
+    # prompt counts such that each row runs for seconds: with 8 prompts of 8K (1.4 s) vLLM's
+    # in-tree model read 46,955 and 40,697 tokens/s on two H200 sessions of 2026-12-03
+    "prefill-8k": (8192, 1, 32, 1, ("input_throughput",)),
+    "prefill-32k": (32768, 1, 16, 1, ("input_throughput",)),
+    "prefill-128k": (131072, 1, 4, 1, ("input_throughput",)),
+    "decode-32k-c1": (32768, 256, 4, 1, ("median_tpot_ms",)),
     "decode-32k-c16": (32768, 128, 16, 16, ("median_tpot_ms",)),
     "decode-32k-c64": (32768, 128, 64, 64, ("median_tpot_ms",)),
-    # 256 tokens: after a 1M prompt the first 63 reached the client in one or two stream chunks
-    # (2026-12-03), so TPOT over them timed the server's hand-over, not decode steps
-    "1m": (1_000_000, 256, 1, 1, ("median_ttft_ms", "median_tpot_ms")),
+    # one output token: TTFT is the whole request. With 256 tokens the first one reached the client
+    # after the last (2026-12-03: 255 tokens 40 ms after the "first"), so TTFT timed decode too
+    "1m": (1_000_000, 1, 1, 1, ("median_ttft_ms",)),
+    # the same prompt again (SAME_PROMPTS), served from the prefix cache: decode at a 1M context
+    "1m-decode": (1_000_000, 256, 1, 1, ("median_tpot_ms",)),
 }
+# row: the row whose prompts it reuses, with the prefix cache kept (run it right after that row)
+SAME_PROMPTS = {"1m-decode": "1m"}
 HIGHER_IS_BETTER = {"input_throughput": True, "median_tpot_ms": False, "median_ttft_ms": False}
 WARMUP = (8192, 32, 8, 8, ("median_tpot_ms",))  # compiles what the rows run, costs little
 # 1,048,576 (the published context) holds the 1M row; the other rows are the same at any length
@@ -72,43 +79,64 @@ KERNEL_KINDS = (  # (kind, name fragments): the first kind whose fragment a kern
     ("norm", ("norm",)),
     ("copy/fill", ("copy", "fill", "cat", "index", "elementwise", "vectorized")),
 )
-KEEP = ("input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms",
+KEEP = ("spec", "input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms",
         "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "stream_chunks", "completed",
         "failed", "total_input_tokens", "duration", "wall_s")
 
 
-def bench(base: str, model_dir: Path, row: str, out: Path, impl: str, env: dict, seed: int,
+def row_seed(row: str) -> int:
+    """Each row its own prompts, whichever call runs it; a SAME_PROMPTS row its source row's."""
+    return list(ROWS).index(SAME_PROMPTS.get(row, row)) + 1
+
+
+def vllm_bench_serve(argv: list[str], log: Path) -> None:
+    """`vllm bench serve ARGV`, in this process: a process per row spent ~20 s importing vLLM
+    (H200, 2026-12-03), and a device call has 600. What it prints goes to `log`."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args(argv)
+    with open(log, "w") as fh, redirect_stdout(fh), redirect_stderr(fh):
+        main(args)
+
+
+def bench(base: str, model_dir: Path, row: str, out: Path, impl: str, seed: int,
           scale: float = 1.0) -> dict:
     """One `vllm bench serve` row on a cold prefix cache: random prompts of one seed share their
     first tokens with the other rows' (vLLM's random dataset draws each prompt's start token
-    first), so the cache is reset (a dev route) and each row draws from its own seed."""
+    first), so the cache is reset (a dev route) and each row draws from its own seed. A
+    SAME_PROMPTS row keeps the cache: its prompts are its source row's, already cached."""
     import requests
 
     inp, outp, n, conc, _ = ROWS.get(row, WARMUP)
     inp = max(16, int(inp * scale))
-    requests.post(base + "/reset_prefix_cache", timeout=60).raise_for_status()
+    if row not in SAME_PROMPTS:
+        requests.post(base + "/reset_prefix_cache", timeout=60).raise_for_status()
     name = f"{impl}-{row}.json"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
-           "--base-url", base, "--model", SERVED, "--tokenizer", str(model_dir),
-           "--dataset-name", "random", "--random-input-len", str(inp), "--random-output-len", str(outp),
-           "--random-range-ratio", "0", "--num-prompts", str(n), "--max-concurrency", str(conc),
-           "--ignore-eos", "--seed", str(seed), "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
-           "--save-result", "--save-detailed", "--result-dir", str(out), "--result-filename", name]
+    argv = ["--backend", "vllm", "--base-url", base, "--model", SERVED, "--tokenizer", str(model_dir),
+            "--dataset-name", "random", "--random-input-len", str(inp), "--random-output-len", str(outp),
+            "--random-range-ratio", "0", "--num-prompts", str(n), "--max-concurrency", str(conc),
+            "--ignore-eos", "--seed", str(seed), "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--save-result", "--save-detailed", "--result-dir", str(out), "--result-filename", name]
+    log = out / f"{impl}-{row}.log"
     t0 = time.time()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    (out / f"{impl}-{row}.log").write_text(r.stdout + r.stderr)
-    if r.returncode != 0:
-        raise RuntimeError(f"vllm bench serve failed for {impl} {row}: {r.stderr[-2000:]}")
+    try:
+        vllm_bench_serve(argv, log)
+    except Exception as e:
+        raise RuntimeError(f"vllm bench serve failed for {impl} {row} ({e!r}): see {log}") from e
     res = json.loads((out / name).read_text())
     if res.get("completed") != n:
         raise RuntimeError(f"{impl} {row}: {res.get('completed')} of {n} requests completed "
-                           f"({res.get('failed')} failed): see {out / f'{impl}-{row}.log'}")
+                           f"({res.get('failed')} failed): see {log}")
     res["wall_s"] = round(time.time() - t0, 1)
     res["input_throughput"] = res["total_input_tokens"] / res["duration"]  # prompt tokens/s
     # chunks the median request's output reached the client in: TPOT is a per-step figure only
     # when this is close to the output length
     chunks = sorted(len(itl) + 1 for itl in res.get("itls") or [])
     res["stream_chunks"] = chunks[len(chunks) // 2] if chunks else None
+    res["spec"] = [inp, outp, n, conc]
     return res
 
 
@@ -277,12 +305,11 @@ def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, sc
         if startup_s is not None:  # a fresh server: warm it up (a kept one was warmed when started)
             summary["startup_s"] = startup_s
             print(f"{impl}: ready after {startup_s} s", flush=True)
-            summary["warmup_wall_s"] = bench(base, model_dir, "warmup", out, impl, env, seed=0, scale=scale)["wall_s"]
+            summary["warmup_wall_s"] = bench(base, model_dir, "warmup", out, impl, seed=0, scale=scale)["wall_s"]
         else:
             print(f"{impl}: using the server kept at {base}", flush=True)
         for row in rows:
-            seed = list(ROWS).index(row) + 1  # each row its own prompts, whichever call runs it
-            res = bench(base, model_dir, row, out, impl, env, seed=seed, scale=scale)
+            res = bench(base, model_dir, row, out, impl, seed=row_seed(row), scale=scale)
             summary["rows"][row] = {k: res.get(k) for k in KEEP}
             print(impl, row, summary["rows"][row], flush=True)
             path.write_text(json.dumps(summary, indent=1))
@@ -306,6 +333,11 @@ def report(out: Path) -> str:
             a, b = (x["rows"].get(row, {}).get(figure) for x in (p, t))
             if not a or not b:
                 lines.append(f"| {row} | {figure} | {a} | {b} | not measured |")
+                continue
+            specs = [x["rows"][row].get("spec") for x in (p, t)]
+            if None not in specs and specs[0] != specs[1]:  # one summary from before a row changed
+                lines.append(f"| {row} | {figure} | {a:,.2f} | {b:,.2f} | not comparable: "
+                             f"(input, output, prompts, concurrency) {specs[0]} vs {specs[1]} |")
                 continue
             ratios[key] = round(a / b if HIGHER_IS_BETTER[figure] else b / a, 3)
             lines.append(f"| {row} | {figure} | {a:,.2f} | {b:,.2f} | **{ratios[key]:.2f}x** |")
@@ -338,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(rows) - set(ROWS)
     if unknown:
         ap.error(f"unknown rows {sorted(unknown)}: choose from {list(ROWS)}")
+    for row, source in SAME_PROMPTS.items():  # its source row leaves the prompt in the prefix cache
+        if row in rows and (rows.index(row) == 0 or rows[rows.index(row) - 1] != source):
+            ap.error(f"row {row} decodes from the prefix cache row {source} leaves: "
+                     f"list it right after {source} (--rows ...,{source},{row})")
     run(a.impl, a.out, rows, a.model_dir, a.scale,
         a.serve_args.split() if a.serve_args is not None else SERVE_ARGS,
         keep=a.keep_server, profile=a.profile_decode)

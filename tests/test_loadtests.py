@@ -181,8 +181,7 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
             {"impl": impl, "rows": rows, "serve_args": sbs.SERVE_ARGS, "scale": 1.0}))
     table = sbs.report(tmp_path)
     ratios = json.loads((tmp_path / "ratios.json").read_text())
-    assert ratios["prefill-8k"] == ratios["decode-32k-c1"] == 1.25
-    assert ratios["1m median_ttft_ms"] == ratios["1m median_tpot_ms"] == 1.25
+    assert ratios["prefill-8k"] == ratios["decode-32k-c1"] == ratios["1m"] == ratios["1m-decode"] == 1.25
     assert "decode-32k-c16" not in ratios and "| decode-32k-c16 | median_tpot_ms | None | None | not measured |" in table
     # the profiler's flags do not count (idle until the profile after the rows): one side profiled
     plugin = json.loads((tmp_path / "summary-plugin.json").read_text())
@@ -193,6 +192,12 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
         {"impl": "intree", "rows": {}, "serve_args": sbs.SERVE_ARGS + ["--enforce-eager"], "scale": 1.0}))
     with pytest.raises(SystemExit, match="not comparable"):
         sbs.report(tmp_path)
+    # a row measured with other (input, output, prompts, concurrency) on one side gets no ratio
+    for impl, spec in (("plugin", [8192, 1, 32, 1]), ("intree", [8192, 1, 8, 1])):
+        (tmp_path / f"summary-{impl}.json").write_text(json.dumps({"impl": impl, "serve_args": sbs.SERVE_ARGS,
+            "scale": 1.0, "rows": {"prefill-8k": {"input_throughput": 1000.0, "spec": spec}}}))
+    assert "| prefill-8k | input_throughput | 1,000.00 | 1,000.00 | not comparable: " in sbs.report(tmp_path)
+    assert json.loads((tmp_path / "ratios.json").read_text()) == {}
 
     trace = {"traceEvents": [
         {"cat": "kernel", "name": "_recurrent_kda_kernel", "dur": 6.0, "ts": 0.0},
@@ -223,31 +228,45 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
 def test_side_by_side_bench_records_how_the_output_streamed(tmp_path, monkeypatch):
     """A row keeps `vllm bench serve`'s per-request timelines (--save-detailed) and the number of
     stream chunks the median request's output came in: TPOT over 63 tokens that arrived in two
-    chunks is not a decode-step figure, and the summary must show it."""
-    import subprocess
+    chunks is not a decode-step figure, and the summary must show it. The prefix cache is reset
+    before a row, but not before a row that decodes from its source row's cached prompt."""
     import types
 
     import requests
 
     from loadtests import side_by_side as sbs
 
-    monkeypatch.setattr(requests, "post", lambda *a, **k: types.SimpleNamespace(raise_for_status=lambda: None))
+    posted = []
+    monkeypatch.setattr(requests, "post", lambda url, **k: posted.append(url) or types.SimpleNamespace(
+        raise_for_status=lambda: None))
     seen = {}
 
-    def fake_run(cmd, **kw):
-        seen["cmd"] = cmd
-        name = cmd[cmd.index("--result-filename") + 1]
+    def fake_bench(argv, log):
+        seen["argv"] = argv
+        name = argv[argv.index("--result-filename") + 1]
         (tmp_path / name).write_text(json.dumps({
-            "completed": 3, "failed": 0, "total_input_tokens": 300, "duration": 2.0,
+            "completed": int(argv[argv.index("--num-prompts") + 1]), "failed": 0, "total_input_tokens": 300, "duration": 2.0,
             "median_tpot_ms": 5.0, "itls": [[0.1] * 63, [1.6, 1.7], [0.2] * 9]}))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(sbs.subprocess, "run", fake_run)
+    monkeypatch.setattr(sbs, "vllm_bench_serve", fake_bench)
     monkeypatch.setitem(sbs.ROWS, "probe", (100, 64, 3, 1, ("median_tpot_ms",)))
-    res = sbs.bench("http://x", tmp_path, "probe", tmp_path, "plugin", {}, seed=1)
-    assert "--save-detailed" in seen["cmd"]
-    assert res["stream_chunks"] == 10 and res["input_throughput"] == 150.0
-    assert "stream_chunks" in sbs.KEEP
+    res = sbs.bench("http://x", tmp_path, "probe", tmp_path, "plugin", seed=1)
+    assert "--save-detailed" in seen["argv"] and posted == ["http://x/reset_prefix_cache"]
+    assert res["stream_chunks"] == 10 and res["input_throughput"] == 150.0 and res["spec"] == [100, 64, 3, 1]
+    assert {"stream_chunks", "spec"} <= set(sbs.KEEP)
+    posted.clear()
+    sbs.bench("http://x", tmp_path, "1m-decode", tmp_path, "plugin", seed=sbs.row_seed("1m-decode"))
+    assert posted == [] and sbs.row_seed("1m-decode") == sbs.row_seed("1m")
+    assert seen["argv"][seen["argv"].index("--seed") + 1] == str(sbs.row_seed("1m"))
+
+
+def test_side_by_side_same_prompts_row_must_follow_its_source(tmp_path, capsys):
+    from loadtests import side_by_side as sbs
+
+    for rows in ("1m-decode", "1m-decode,1m", "1m,prefill-8k,1m-decode"):
+        with pytest.raises(SystemExit):
+            sbs.main(["run", "--impl", "plugin", "--out", str(tmp_path), "--rows", rows])
+        assert "list it right after 1m (--rows ...,1m,1m-decode)" in capsys.readouterr().err
 
 
 def test_a_run_ended_by_sigterm_stops_its_servers(tmp_path):
@@ -386,7 +405,9 @@ def test_plots_write_pngs(tmp_path):
 def server(tiny_model, tmp_path_factory):
     pytest.importorskip("openai")
     port = free_port()
-    env = server_env(KIMI_MODEL=str(tiny_model), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="2")
+    # dev mode: the /reset_prefix_cache route the side-by-side rows call
+    env = server_env(KIMI_MODEL=str(tiny_model), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="2",
+                     VLLM_SERVER_DEV_MODE="1")
     base = f"http://127.0.0.1:{port}"
     cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED, "--max-model-len", str(MAX_LEN)]
     with running_process(cmd, env, tmp_path_factory.mktemp("log") / "server.log", timeout=1200,
@@ -473,6 +494,29 @@ def test_errors_are_reported_by_type(server, tmp_path, tiny_model):
     s = result["points"][0]["summary"]
     assert s["requests"]["failed"] == 3 and list(s["errors"]) == ["HTTP 404"]
     assert s["goodput"]["good_requests"] == 0
+
+
+def test_side_by_side_rows_through_vllm_bench_serve_in_process(server, tmp_path, tiny_model, monkeypatch):
+    """Two rows through vLLM's own `vllm bench serve`, run in this process, against a real
+    server: the saved JSON's counts and the row's spec; the second, a same-prompts row, is served
+    from the prefix cache the first filled (vLLM's prefix-cache hit counter moves by most of its
+    prompt: in "align" mode the KDA state is cached where a prefill chunk ends, every 2,048 tokens
+    of this server's steps, so the prompt is longer than one step)."""
+    from loadtests import side_by_side as sbs
+    from vllm_kimi_linear.tools.harness import scrape
+
+    monkeypatch.setattr(sbs, "SERVED", SERVED)
+    monkeypatch.setitem(sbs.ROWS, "probe", (5000, 1, 2, 1, ("input_throughput",)))
+    monkeypatch.setitem(sbs.ROWS, "probe-decode", (5000, 6, 1, 1, ("median_tpot_ms",)))
+    monkeypatch.setitem(sbs.SAME_PROMPTS, "probe-decode", "probe")
+    base = server.removesuffix("/v1")
+    first = sbs.bench(base, tiny_model, "probe", tmp_path, "plugin", seed=sbs.row_seed("probe"))
+    assert (first["completed"], first["total_input_tokens"], first["spec"]) == (2, 10000, [5000, 1, 2, 1])
+    assert first["input_throughput"] > 0 and (tmp_path / "plugin-probe.json").exists()
+    hits = scrape(base).get("vllm:prefix_cache_hits_total", 0.0)
+    second = sbs.bench(base, tiny_model, "probe-decode", tmp_path, "plugin", seed=sbs.row_seed("probe-decode"))
+    assert second["completed"] == 1 and second["median_tpot_ms"] > 0
+    assert scrape(base)["vllm:prefix_cache_hits_total"] - hits >= 4096
 
 
 def test_too_long_for_the_server_is_one_clear_error(server):
