@@ -9,6 +9,7 @@ set -uo pipefail
 source "$(dirname "$0")/device.sh"
 impl="${1:-plugin}"; configs="${2:-}"; shift $(( $# < 2 ? $# : 2 ))
 out="${OUT:-$PWD/gpu-results}"; mkdir -p "$out"
+stop_servers  # a server an earlier call kept (side_by_side --keep-server) holds the GPU's memory
 export PYTHONPATH=/tmp/site
 if [ "$impl" = plugin ]; then
   install_plugin || exit 1
