@@ -28,6 +28,9 @@ timeout -k 15 "${KIMI_SBS_TIME_LIMIT:-570}" python3 -m loadtests.side_by_side ru
   --out /tmp/sbs ${rows:+--rows "$rows"} "$@" 2>&1 | tee -a "$out/sbs-$impl.log"
 rc=${PIPESTATUS[0]}
 echo "side_by_side exit $rc after $(( $(date +%s) - start )) s" | tee -a "$out/sbs-$impl.log"
+# how big the compile caches a start-up fills are (a fresh machine's first start pays ~100 s more
+# than a warm one's): whether carrying them to the next machine would fit a device transfer
+du -sh ~/.cache/vllm ~/.triton/cache ~/.cache/flashinfer 2>/dev/null | sed 's/^/compile cache: /' | tee -a "$out/sbs-$impl.log"
 cp /tmp/sbs/summary-"$impl".json /tmp/sbs/profile-"$impl".json "$out/" 2>/dev/null
 cp /tmp/sbs/server-"$impl".log "$out/" 2>/dev/null
 # the decode profile's raw traces too (host gaps, per-step timelines), where they fit a returned file
