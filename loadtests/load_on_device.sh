@@ -3,7 +3,7 @@
 # item 4), after ../shared/gpu-vllm/README.md's install step.
 #   loadtests/load_on_device.sh SCENARIO [more `python -m loadtests` flags...]
 #   loadtests/load_on_device.sh --wait SCENARIO      # the next call, if the run outlasted this one
-# e.g.  loadtests/load_on_device.sh 1m-context --concurrency 3 --num-requests 3
+# e.g.  loadtests/load_on_device.sh 1m-context      # 4 at once: what one H200 holds (planner)
 # Uses the server a `side_by_side_on_device.sh plugin ... --keep-server` call left running (the
 # same published config, `--load-format dummy`, vLLM's defaults, --max-model-len 1048576), else
 # starts one the same way (no rows, kept). The load test runs detached, in its own process
@@ -39,7 +39,11 @@ if [ "$wait_only" = 0 ]; then
 elif [ ! -f "$run.pid" ]; then
   echo "no $scenario run to wait for on this machine (a new machine: start it again)" | tee -a "$out/load.log"; exit 1
 fi
+# the planner at the server's max_model_len (vLLM's own "Maximum concurrency" line is for that),
+# and for 1m-context at its requests' length, 1,000,000 + 8,192 tokens, what the run must hold
 python3 -m vllm_kimi_linear.tools.planner --tp 1 --gpu h200 --max-model-len 1048576 > "$out/planner.txt" 2>&1
+[ "$scenario" = 1m-context ] && { echo; echo "# requests of 1,008,192 tokens"
+  python3 -m vllm_kimi_linear.tools.planner --tp 1 --gpu h200 --max-model-len 1008192; } >> "$out/planner.txt" 2>&1
 grep -h "Maximum concurrency\|KV cache size\|Available KV cache" /tmp/sbs/server-plugin.log > "$out/vllm-capacity.txt"
 # wait until the run ends or this call is near the device's limit (570 s from this script's start,
 # a server start included), so what is there comes back either way
