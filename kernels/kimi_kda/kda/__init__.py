@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import resolve_backend as pick_backend
-from .args import check_kda_args
+from .args import check_kda_args, output_buffer
 from .cpu import chunk_kda_torch, fused_recurrent_kda_torch
 from .gate import kda_gate
 
@@ -58,12 +58,7 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 
 def _into(out, o):
     """`o`, or `o` copied into the caller's `out` (the backends that allocate their own output)."""
-    if out is None:
-        return o
-    if out.shape != o.shape or out.dtype != o.dtype:
-        raise ValueError(f"out must be a {o.dtype} tensor of shape {tuple(o.shape)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
-    return out.copy_(o)
+    return o if out is None else output_buffer(out, o.shape, o).copy_(o)
 
 
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,

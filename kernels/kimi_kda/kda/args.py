@@ -10,6 +10,17 @@ from dataclasses import dataclass
 import torch
 
 
+def output_buffer(out, shape, like):
+    """Where an operator's output goes: the caller's `out`, checked to be a tensor of `like`'s
+    dtype and of `shape`, or a new one."""
+    if out is None:
+        return like.new_empty(shape)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype:
+        raise ValueError(f"out must be a {like.dtype} tensor of shape {tuple(shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, ssm_state_indices=None, *,
                    A_log=None, dt_bias=None, use_gate_in_kernel=False):
     """Validate shapes; return (B, T, H, K, V, N) where N is the number of sequences.

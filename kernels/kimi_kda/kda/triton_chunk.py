@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ..rows import token_rows
-from .args import check_kda_args, chunk_layout_host, seq_bounds
+from .args import check_kda_args, chunk_layout_host, output_buffer, seq_bounds
 
 BT = 64   # chunk
 BC = 16   # sub-block
@@ -490,11 +490,9 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         raise ValueError(f"state_bv must be 32, 64 or 128, got {cfg['state_bv']}")
     B, T, H, K, V, N = check_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, A_log=A_log,
                                       dt_bias=dt_bias, use_gate_in_kernel=use_gate_in_kernel)
-    if out is None:
-        out = v.new_empty(B, T, H, V)
-    elif out.shape != (B, T, H, V) or out.dtype != v.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {v.dtype} tensor of shape {(B, T, H, V)}, got "
-                         f"{'a non-contiguous ' if not out.is_contiguous() else ''}{out.dtype} {tuple(out.shape)}")
+    out = output_buffer(out, (B, T, H, V), v)
+    if not out.is_contiguous():  # the output kernel writes [B * T, H, V] rows
+        raise ValueError("out must be contiguous")
     scale = K ** -0.5 if scale is None else scale
     q, k, v = (token_rows(x, B * T) for x in (q, k, v))
     g, beta = (x.reshape(B * T, *x.shape[2:]).contiguous() for x in (g, beta))

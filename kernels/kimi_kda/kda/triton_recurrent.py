@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..rows import token_rows
-from .args import check_kda_args
+from .args import check_kda_args, output_buffer
 from .triton_chunk import _softplus
 
 
@@ -106,11 +106,7 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
         raise ValueError("each row of the state pool must be a contiguous [H, K, V] block")
     if not use_pool and initial_state is not None:
         initial_state = initial_state.contiguous()
-    if out is None:
-        out = v.new_empty(B, T, H, V)
-    elif out.shape != (B, T, H, V) or out.dtype != v.dtype:
-        raise ValueError(f"out must be a {v.dtype} tensor of shape {(B, T, H, V)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
+    out = output_buffer(out, (B, T, H, V), v)
     o = token_rows(out, B * T)
     if o.data_ptr() != out.data_ptr():  # a copy: the kernel would not write the caller's memory
         raise ValueError("each token's [H, V] row of out must be contiguous")
