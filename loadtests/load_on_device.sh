@@ -36,15 +36,16 @@ if [ "$wait_only" = 0 ]; then
     > "$run.log" 2>&1 < /dev/null &
   echo $! > "$run.pid"
   echo "load test $scenario started (pid $(cat "$run.pid")) after $(( $(date +%s) - start )) s" | tee -a "$out/load.log"
+  # once, in the call that starts the run (its $OUT comes back with them): the planner at the
+  # server's max_model_len (vLLM's own "Maximum concurrency" line is for that), and for 1m-context
+  # at its requests' length, 1,000,000 + 8,192 tokens, what the run must hold
+  python3 -m vllm_kimi_linear.tools.planner --tp 1 --gpu h200 --max-model-len 1048576 > "$out/planner.txt" 2>&1
+  [ "$scenario" = 1m-context ] && { echo; echo "# requests of 1,008,192 tokens"
+    python3 -m vllm_kimi_linear.tools.planner --tp 1 --gpu h200 --max-model-len 1008192; } >> "$out/planner.txt" 2>&1
+  grep -h "Maximum concurrency\|KV cache size\|Available KV cache" /tmp/sbs/server-plugin.log > "$out/vllm-capacity.txt"
 elif [ ! -f "$run.pid" ]; then
   echo "no $scenario run to wait for on this machine (a new machine: start it again)" | tee -a "$out/load.log"; exit 1
 fi
-# the planner at the server's max_model_len (vLLM's own "Maximum concurrency" line is for that),
-# and for 1m-context at its requests' length, 1,000,000 + 8,192 tokens, what the run must hold
-python3 -m vllm_kimi_linear.tools.planner --tp 1 --gpu h200 --max-model-len 1048576 > "$out/planner.txt" 2>&1
-[ "$scenario" = 1m-context ] && { echo; echo "# requests of 1,008,192 tokens"
-  python3 -m vllm_kimi_linear.tools.planner --tp 1 --gpu h200 --max-model-len 1008192; } >> "$out/planner.txt" 2>&1
-grep -h "Maximum concurrency\|KV cache size\|Available KV cache" /tmp/sbs/server-plugin.log > "$out/vllm-capacity.txt"
 # wait until the run ends or this call is near the device's limit (570 s from this script's start,
 # a server start included), so what is there comes back either way
 limit="${KIMI_LOAD_TIME_LIMIT:-570}"
