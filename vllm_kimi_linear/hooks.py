@@ -27,11 +27,11 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
             # would ignore): refuse here rather than serve wrong tokens.
             raise ValueError("Kimi Linear (vllm-kimi-linear) does not support speculative decoding "
                              "yet: serve without --speculative-config")
-        if getattr(vllm_config.parallel_config, "use_ubatching", False):
+        pc = vllm_config.parallel_config
+        if getattr(pc, "use_ubatching", False):
             # list-shaped (per micro-batch) metadata would reach a layer that reads one batch
             raise ValueError("Kimi Linear (vllm-kimi-linear) does not support micro-batching yet: "
                              "serve without --enable-dbo / --ubatch-size")
-        pc = vllm_config.parallel_config
         if max(pc.decode_context_parallel_size, pc.prefill_context_parallel_size) > 1:
             # Context parallelism splits a sequence's tokens (or its KV cache) across ranks; a KDA
             # layer's recurrent state is a scan over every token of its sequence on one rank.
@@ -42,7 +42,7 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
                              "--tensor-parallel-size or --pipeline-parallel-size instead)")
         mc = vllm_config.model_config
         on_cpu = current_platform.is_cpu()
-        if on_cpu and vllm_config.parallel_config.enable_expert_parallel:
+        if on_cpu and pc.enable_expert_parallel:
             # vLLM 0.32's CPU MoE kernels index their local experts with the global expert ids
             # (they ignore the expert map): the worker segfaults at the first forward.
             raise ValueError("Kimi Linear (vllm-kimi-linear) on CPU: --enable-expert-parallel is not "
@@ -56,12 +56,12 @@ class KimiLinearConfigHook(VerifyAndUpdateConfig):
                              f"not supported by vLLM's CPU MLA kernels (the engine would die at the "
                              f"first prompt); serve with the default --kv-cache-dtype auto")
         cfg = raw_config(mc.hf_config, mc.model)
-        dims = validate_config(cfg, tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        dims = validate_config(cfg, tp_size=pc.tensor_parallel_size,
                                on_cpu=on_cpu)
         check_published_files(cfg, mc)
         check_checkpoint(dims, mc.model, quant_scheme(cfg))
         check_quantization(mc.quantization, cfg)
-        if vllm_config.parallel_config.pipeline_parallel_size > 1 and dims.tie_word_embeddings:
+        if pc.pipeline_parallel_size > 1 and dims.tie_word_embeddings:
             raise ValueError("Kimi Linear config.json: tie_word_embeddings=true with "
                              "--pipeline-parallel-size > 1: the embedding (first stage) and lm_head "
                              "(last stage) cannot share one tensor; serve without pipeline parallelism "
