@@ -11,9 +11,11 @@ Serves Kimi-Linear-48B-A3B's published config with `--load-format dummy` (the bu
 defaults (CUDA graphs, async scheduling, chunked prefill, prefix caching), and measures each row
 with vLLM's own `vllm bench serve` (run in this process; random prompts of an exact token count,
 `--ignore-eos`): prefill throughput at 8K/32K/128K prompts (one request at a time, 1 output
-token), decode at a 32K context with 1, 16 and 64 concurrent requests (median TPOT), one request
-of 1,000,000 prompt tokens and 1 output token (TTFT), then the same prompt again from the prefix
-cache with 256 output tokens (TPOT at a 1M context). One warm-up round first, so no row pays
+token), decode at a 32K context with 1, 16 and 64 concurrent requests (output tokens/s and the
+server's TPOT), one request of 1,000,000 prompt tokens and 1 output token (TTFT), then the same
+prompt again from the prefix cache with 256 output tokens (the server's TPOT at a 1M context, and
+the request's end-to-end time). Each row also records the server's own per-request timings
+(SERVER_MEANS, server_tpot_ms), which no stream chunking moves. One warm-up round first, so no row pays
 for kernel compilation; the prefix cache is reset before every row but the 1M decode one, and
 each row draws its own prompts. Every `vllm bench serve` JSON is kept in DIR, and each row's
 (input, output, prompts, concurrency) in the summary: `report` compares only equal ones.
@@ -47,18 +49,29 @@ ROWS = {  # name: (input tokens, output tokens, prompts, concurrency, the row's 
     "prefill-128k": (131072, 1, 4, 1, ("input_throughput",)),
     # 512 tokens each: the H200 streamed one request's 128 tokens in 11 chunks ~50 ms apart, which
     # moves a 128-token TPOT by ~0.4 ms of its ~4; over 511 tokens ~0.1 ms
-    "decode-32k-c1": (32768, 512, 4, 1, ("median_tpot_ms",)),
-    "decode-32k-c16": (32768, 128, 16, 16, ("median_tpot_ms",)),
-    "decode-32k-c64": (32768, 128, 64, 64, ("median_tpot_ms",)),
+    # decode: output tokens/s (the whole row, prefills included) and the server's TPOT (below)
+    "decode-32k-c1": (32768, 512, 4, 1, ("output_throughput", "server_tpot_ms")),
+    "decode-32k-c16": (32768, 128, 16, 16, ("output_throughput", "server_tpot_ms")),
+    "decode-32k-c64": (32768, 128, 64, 64, ("output_throughput", "server_tpot_ms")),
     # one output token: TTFT is the whole request. With 256 tokens the first one reached the client
     # after the last (2026-12-03: 255 tokens 40 ms after the "first"), so TTFT timed decode too
     "1m": (1_000_000, 1, 1, 1, ("median_ttft_ms",)),
     # the same prompt again (SAME_PROMPTS), served from the prefix cache: decode at a 1M context
-    "1m-decode": (1_000_000, 256, 1, 1, ("median_tpot_ms",)),
+    "1m-decode": (1_000_000, 256, 1, 1, ("server_tpot_ms", "median_e2el_ms")),
 }
 # row: the row whose prompts it reuses, with the prefix cache kept (run it right after that row)
 SAME_PROMPTS = {"1m-decode": "1m"}
-HIGHER_IS_BETTER = {"input_throughput": True, "median_tpot_ms": False, "median_ttft_ms": False}
+HIGHER_IS_BETTER = {"input_throughput": True, "output_throughput": True, "server_tpot_ms": False,
+                    "median_tpot_ms": False, "median_ttft_ms": False, "median_e2el_ms": False}
+# The server's own per-request timings (vLLM's histograms, from the engine's step timestamps),
+# summed over a row's requests: the client's TTFT and TPOT time stream chunks, and a busy API
+# server merges a request's tokens into few (H200, 2026-12-03: 256 tokens at a 1M context in 3
+# chunks, the first after 11.3 s for the plugin and 3.2 s for the in-tree model, 128 tokens at
+# c64 in 6 and 18), so a client TPOT can move either way by which tokens shared a chunk.
+SERVER_MEANS = {"server_ttft_ms": "vllm:time_to_first_token_seconds",
+                "server_queue_ms": "vllm:request_queue_time_seconds",
+                "server_prefill_ms": "vllm:request_prefill_time_seconds",
+                "server_e2e_ms": "vllm:e2e_request_latency_seconds"}
 WARMUP = (8192, 32, 8, 8, ("median_tpot_ms",))  # compiles what the rows run, costs little
 # 1,048,576 (the published context) holds the 1M row; the other rows are the same at any length
 # --jit-monitor-verbose: a compile after warm-up is logged with its constants, so a first-request
@@ -82,8 +95,9 @@ KERNEL_KINDS = (  # (kind, name fragments): the first kind whose fragment a kern
     ("copy/fill", ("copy", "fill", "cat", "index", "elementwise", "vectorized")),
 )
 KEEP = ("spec", "input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms",
-        "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "stream_chunks", "completed",
-        "failed", "total_input_tokens", "duration", "wall_s")
+        "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_e2el_ms", "stream_chunks",
+        "completed", "failed", "total_input_tokens", "duration", "wall_s", "server_requests",
+        "server_tpot_ms", *SERVER_MEANS)
 
 
 def row_seed(row: str) -> int:
@@ -112,10 +126,13 @@ def bench(base: str, model_dir: Path, row: str, out: Path, impl: str, seed: int,
     SAME_PROMPTS row keeps the cache: its prompts are its source row's, already cached."""
     import requests
 
+    from vllm_kimi_linear.tools.harness import scrape
+
     inp, outp, n, conc, _ = ROWS.get(row, WARMUP)
     inp = max(16, int(inp * scale))
     if row not in SAME_PROMPTS:
         requests.post(base + "/reset_prefix_cache", timeout=60).raise_for_status()
+    before = scrape(base)
     name = f"{impl}-{row}.json"
     argv = ["--backend", "vllm", "--base-url", base, "--model", SERVED, "--tokenizer", str(model_dir),
             "--dataset-name", "random", "--random-input-len", str(inp), "--random-output-len", str(outp),
@@ -139,7 +156,43 @@ def bench(base: str, model_dir: Path, row: str, out: Path, impl: str, seed: int,
     chunks = sorted(len(itl) + 1 for itl in res.get("itls") or [])
     res["stream_chunks"] = chunks[len(chunks) // 2] if chunks else None
     res["spec"] = [inp, outp, n, conc]
-    return res
+    return res | server_timings(before, metrics_after(base, before, n))
+
+
+def metrics_after(base: str, before: dict[str, float], n: int, timeout: float = 30) -> dict[str, float]:
+    """/metrics once the server has counted the row's `n` requests finished (it records a
+    request's timings as it sends the last chunk, so a reading right after may miss it)."""
+    from vllm_kimi_linear.tools.harness import scrape
+
+    deadline = time.time() + timeout
+    while True:
+        after = scrape(base)
+        done = after.get(DONE, 0.0) - before.get(DONE, 0.0)
+        if done >= n or time.time() > deadline:
+            return after
+        time.sleep(0.2)
+
+
+DONE = "vllm:request_success_total"
+
+
+def server_timings(before: dict[str, float], after: dict[str, float]) -> dict:
+    """A row's requests as the server timed them, from /metrics read before and after it (so the
+    warm-up's and earlier rows' requests drop out): the mean of each SERVER_MEANS per request, and
+    server_tpot_ms, the requests' decode time (first token to last, engine step timestamps) over
+    their decode steps (each output token but a request's first)."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    done = delta(DONE)
+    out: dict = {"server_requests": int(done)}
+    for key, metric in SERVER_MEANS.items():
+        count = delta(metric + "_count")
+        out[key] = round(1000 * delta(metric + "_sum") / count, 3) if count else None
+    steps = delta("vllm:generation_tokens_total") - done
+    decode_s = delta("vllm:request_decode_time_seconds_sum")
+    out["server_tpot_ms"] = round(1000 * decode_s / steps, 4) if steps > 0 else None
+    return out
 
 
 def comparable(serve_args: list[str], scale: float) -> tuple[list[str], float]:
@@ -321,9 +374,23 @@ def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, sc
             path.write_text(json.dumps(summary, indent=1))
 
 
+def figure_of(out: Path, summary: dict, row: str, figure: str) -> float | None:
+    """A row's figure from the summary, or, for a row measured before the summary kept that
+    figure, from the row's own `vllm bench serve` JSON in DIR (the server timings it cannot
+    have: those are read from /metrics at the time)."""
+    kept = summary["rows"].get(row)
+    if kept is None:
+        return None
+    if figure in kept:
+        return kept[figure]
+    raw = out / f"{summary['impl']}-{row}.json"
+    return json.loads(raw.read_text()).get(figure) if raw.exists() else None
+
+
 def report(out: Path) -> str:
-    """plugin / in-tree speed per row (> 1: the plugin is faster): prompt tokens/s for prefill,
-    1 / median TPOT for decode (output tokens/s would mostly time the 32K prefills)."""
+    """plugin / in-tree speed per row and figure (> 1: the plugin is faster): prompt tokens/s for
+    prefill; for decode, output tokens/s (at 16 and 64 requests mostly the 32K prefills' time,
+    which share the steps) and 1 / the server's TPOT; 1 / time for the 1M request."""
     p, t = (json.loads((out / f"summary-{i}.json").read_text()) for i in ("plugin", "intree"))
     if comparable(p["serve_args"], p["scale"]) != comparable(t["serve_args"], t["scale"]):
         raise SystemExit("the two summaries were served with other flags or scale: not comparable")
@@ -332,7 +399,7 @@ def report(out: Path) -> str:
     for row, (*_, figures) in ROWS.items():
         for figure in figures:
             key = row if len(figures) == 1 else f"{row} {figure}"
-            a, b = (x["rows"].get(row, {}).get(figure) for x in (p, t))
+            a, b = (figure_of(out, x, row, figure) for x in (p, t))
             if not a or not b:
                 lines.append(f"| {row} | {figure} | {a} | {b} | not measured |")
                 continue

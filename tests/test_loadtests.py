@@ -174,15 +174,21 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
     from loadtests import side_by_side as sbs
 
     for impl, slow in (("plugin", 1.0), ("intree", 1.25)):
-        rows = {r: {"input_throughput": 1000 / slow, "median_tpot_ms": 4 * slow, "median_ttft_ms": 900 * slow}
-                for r in sbs.ROWS}
+        rows = {r: {"input_throughput": 1000 / slow, "output_throughput": 100 / slow, "server_tpot_ms": 4 * slow,
+                    "median_ttft_ms": 900 * slow, "median_e2el_ms": 9000 * slow} for r in sbs.ROWS}
         rows.pop("decode-32k-c16")
+        # a figure the summary did not keep yet is read from the row's own bench JSON
+        del rows["1m-decode"]["median_e2el_ms"]
+        (tmp_path / f"{impl}-1m-decode.json").write_text(json.dumps({"median_e2el_ms": 9000 * slow}))
         (tmp_path / f"summary-{impl}.json").write_text(json.dumps(
             {"impl": impl, "rows": rows, "serve_args": sbs.SERVE_ARGS, "scale": 1.0}))
     table = sbs.report(tmp_path)
     ratios = json.loads((tmp_path / "ratios.json").read_text())
-    assert ratios["prefill-8k"] == ratios["decode-32k-c1"] == ratios["1m"] == ratios["1m-decode"] == 1.25
-    assert "decode-32k-c16" not in ratios and "| decode-32k-c16 | median_tpot_ms | None | None | not measured |" in table
+    assert set(ratios) == {"prefill-8k", "prefill-32k", "prefill-128k", "1m", "1m-decode server_tpot_ms",
+                           "1m-decode median_e2el_ms"} | {f"decode-32k-{c} {f}" for c in ("c1", "c64")
+                                                          for f in ("output_throughput", "server_tpot_ms")}
+    assert set(ratios.values()) == {1.25}
+    assert "| decode-32k-c16 | output_throughput | None | None | not measured |" in table
     # the profiler's flags do not count (idle until the profile after the rows): one side profiled
     plugin = json.loads((tmp_path / "summary-plugin.json").read_text())
     plugin["serve_args"] = sbs.SERVE_ARGS + sbs.profiler_args(tmp_path)
@@ -235,6 +241,7 @@ def test_side_by_side_bench_records_how_the_output_streamed(tmp_path, monkeypatc
     import requests
 
     from loadtests import side_by_side as sbs
+    from vllm_kimi_linear.tools import harness
 
     posted = []
     monkeypatch.setattr(requests, "post", lambda url, **k: posted.append(url) or types.SimpleNamespace(
@@ -249,6 +256,8 @@ def test_side_by_side_bench_records_how_the_output_streamed(tmp_path, monkeypatc
             "median_tpot_ms": 5.0, "itls": [[0.1] * 63, [1.6, 1.7], [0.2] * 9]}))
 
     monkeypatch.setattr(sbs, "vllm_bench_serve", fake_bench)
+    served = iter(range(0, 10**6, 100))  # /metrics: every reading has counted 100 more requests done
+    monkeypatch.setattr(harness, "scrape", lambda base: {sbs.DONE: next(served)})
     monkeypatch.setitem(sbs.ROWS, "probe", (100, 64, 3, 1, ("median_tpot_ms",)))
     res = sbs.bench("http://x", tmp_path, "probe", tmp_path, "plugin", seed=1)
     assert "--save-detailed" in seen["argv"] and posted == ["http://x/reset_prefix_cache"]
@@ -258,6 +267,25 @@ def test_side_by_side_bench_records_how_the_output_streamed(tmp_path, monkeypatc
     sbs.bench("http://x", tmp_path, "1m-decode", tmp_path, "plugin", seed=sbs.row_seed("1m-decode"))
     assert posted == [] and sbs.row_seed("1m-decode") == sbs.row_seed("1m")
     assert seen["argv"][seen["argv"].index("--seed") + 1] == str(sbs.row_seed("1m"))
+
+
+def test_side_by_side_server_timings_are_the_rows_own():
+    """The server's figures are /metrics deltas over the row: earlier requests drop out, TPOT is
+    decode time over decode steps (a request's first token is its prefill's), and a figure whose
+    histogram did not move is None, not 0."""
+    from loadtests import side_by_side as sbs
+
+    before = {sbs.DONE: 10, "vllm:generation_tokens_total": 500, "vllm:request_decode_time_seconds_sum": 7.0,
+              "vllm:time_to_first_token_seconds_sum": 3.0, "vllm:time_to_first_token_seconds_count": 10}
+    # 4 requests of 33 tokens: 128 decode steps in 0.512 s; TTFTs summing to 2 s
+    after = {sbs.DONE: 14, "vllm:generation_tokens_total": 632, "vllm:request_decode_time_seconds_sum": 7.512,
+             "vllm:time_to_first_token_seconds_sum": 5.0, "vllm:time_to_first_token_seconds_count": 14}
+    got = sbs.server_timings(before, after)
+    assert got["server_requests"] == 4 and got["server_tpot_ms"] == pytest.approx(4.0)
+    assert got["server_ttft_ms"] == pytest.approx(500.0) and got["server_prefill_ms"] is None
+    one_token = dict(after, **{"vllm:generation_tokens_total": 504})  # 4 requests, 1 token each
+    assert sbs.server_timings(before, one_token)["server_tpot_ms"] is None
+    assert {"server_tpot_ms", "server_requests", *sbs.SERVER_MEANS} <= set(sbs.KEEP)
 
 
 def test_side_by_side_same_prompts_row_must_follow_its_source(tmp_path, capsys):
@@ -517,6 +545,12 @@ def test_side_by_side_rows_through_vllm_bench_serve_in_process(server, tmp_path,
     second = sbs.bench(base, tiny_model, "probe-decode", tmp_path, "plugin", seed=sbs.row_seed("probe-decode"))
     assert second["completed"] == 1 and second["median_tpot_ms"] > 0
     assert scrape(base)["vllm:prefix_cache_hits_total"] - hits >= 4096
+    # the server's timings, counted over each row's own requests (the server has served others)
+    assert first["server_requests"] == 2 and second["server_requests"] == 1
+    assert first["server_tpot_ms"] is None and second["server_tpot_ms"] > 0  # 1 token: no decode step
+    for row in (first, second):  # the server times a request from its arrival, the client from its send
+        assert 0 < row["server_ttft_ms"] <= row["mean_ttft_ms"] + 1
+        assert 0 < row["server_prefill_ms"] <= row["server_e2e_ms"] <= row["duration"] * 1000 + 1
 
 
 def test_too_long_for_the_server_is_one_clear_error(server):
