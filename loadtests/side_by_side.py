@@ -20,10 +20,14 @@ for kernel compilation; the prefix cache is reset before every row but the 1M de
 each row draws its own prompts. Every `vllm bench serve` JSON is kept in DIR, and each row's
 (input, output, prompts, concurrency) in the summary: `report` compares only equal ones.
 
-`--profile-decode` serves with vLLM's torch profiler configured (the same flags for both
-implementations) and, after the rows, records PROFILE_STEPS decode steps of one request at a 32K
-context: DIR/profile-IMPL.json sums the GPU kernels by name and by kind (GEMM, MoE, attention,
-KDA/conv, norm, ...), to say where one implementation's decode step spends more than the other's.
+`--profile ROWS` serves with vLLM's torch profiler configured (the same flags for both
+implementations) and, after the measured rows, runs each of ROWS once more with the profiler
+armed to record PROFILE_STEPS engine steps from that row's PROFILE_FROM_STEP-th (vLLM's
+`/start_profile` delay_iterations and max_iterations: the engine starts and stops it at those
+steps; nothing here times it): c1 gives pure decode steps at a 32K context, c64 steps that mix a
+prefill chunk with the running requests' decodes. DIR/profile-IMPL-ROW.json sums the GPU kernels
+per step by name and by kind (GEMM, MoE, attention, KDA/conv, norm, ...), to say where one
+implementation's step spends more than the other's; the raw traces go to DIR/traces-ROW.
 `--keep-server` leaves the server running after the rows (its URL in DIR/server-IMPL.url) and a
 later `run` of the same implementation and DIR uses it instead of starting another (and leaves it
 running: `side_by_side_on_device.sh` stops it at the end of its call unless told to keep it): on
@@ -80,9 +84,11 @@ SERVE_ARGS = ["--load-format", "dummy", "--max-model-len", "1048576", "--gpu-mem
               "--jit-monitor-verbose"]
 SERVED = "kimi-linear-48b-dummy"
 PROFILE_STEPS = 32
-# ~30 s of decode at 32K on an H200: /start_profile itself took 6 s there, longer than 1,024 tokens
-# of decode; the request is dropped once the profile is stopped
-DECODE_TOKENS_WHILE_PROFILED = 8192
+# the engine step a profiled row's recording starts at (vLLM counts the steps from /start_profile).
+# c1: the first 32K prompt is in by step 5 (chunks of 7,680 tokens), so pure decode; c64: its
+# 2.1M prompt tokens take ~275 steps and the first prompts' 128 tokens run from ~step 6 to ~133,
+# so steps 100-131 each carry a prefill chunk and ~20 requests' decodes
+PROFILE_FROM_STEP = {"decode-32k-c1": 8, "decode-32k-c64": 100}
 KERNEL_KINDS = (  # (kind, name fragments): the first kind whose fragment a kernel's name has
     # fla's and vLLM's KDA kernels by their names; ours (kimi_kda) by their kernel names
     ("kda/conv", ("kda", "recurrent", "conv", "gated_delta", "chunk_", "_update_kernel", "_prefill_kernel",
@@ -197,7 +203,7 @@ def server_timings(before: dict[str, float], after: dict[str, float]) -> dict:
 
 def comparable(serve_args: list[str], scale: float) -> tuple[list[str], float]:
     """What decides what a row measures: the scale and every flag but the profiler's, which stays
-    idle until the decode profile that runs after the rows (so one side may be profiled, the
+    idle until the profiled reruns after the measured rows (so one side may be profiled, the
     other not). Two summaries compare when this is equal."""
     if "--profiler-config" in serve_args:  # `profiler_args`: the flag and its JSON
         i = serve_args.index("--profiler-config")
@@ -293,51 +299,46 @@ def gpu_busy(intervals: list[tuple[float, float]]) -> tuple[float, float] | None
     return span, (covered / span if span else 1.0)
 
 
-def profile_decode(base: str, out: Path, impl: str, scale: float = 1.0) -> dict:
-    """PROFILE_STEPS decode steps of one request at a 32K context (x scale), through vLLM's
-    /start_profile (max_iterations) and /stop_profile, both sent while the request still
-    decodes; then the request is dropped. (Twice on the H200, 2026-12-03, the plugin's request,
-    104 and then 1,024 tokens, ended before /start_profile returned: empty traces.)"""
+def profile_row(base: str, model_dir: Path, out: Path, impl: str, row: str, scale: float = 1.0) -> dict:
+    """`row` run once more with vLLM's profiler armed for PROFILE_STEPS steps from step
+    PROFILE_FROM_STEP[row] (default 1); its kernel table in DIR/profile-IMPL-ROW.json and the
+    traces moved to DIR/traces-ROW. The rerun's own figures are kept beside the table, not in the
+    summary's rows (the profiler slows the steps it records)."""
     import requests
 
-    requests.post(base + "/reset_prefix_cache", timeout=60).raise_for_status()
-    trace_dir = out / "profile"
-    for old in trace_dir.rglob("*.pt.trace.json*"):
+    trace_dir, keep_dir = out / "profile", out / f"traces-{row}"
+    for old in [*trace_dir.rglob("*.pt.trace.json*"), *keep_dir.glob("*")]:
         old.unlink()
-    rng = random.Random(1234)
-    ids = [rng.randrange(16, 256) for _ in range(max(16, int(32768 * scale)))]
-    body = {"model": SERVED, "prompt": ids, "max_tokens": DECODE_TOKENS_WHILE_PROFILED, "temperature": 0,
-            "ignore_eos": True, "stream": True}
-    chunks = 0
-    with requests.post(base + "/v1/completions", json=body, stream=True, timeout=900) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith(b"data: {"):
-                chunks += 1
-                if chunks == 2:  # the prompt is in (and a token more): what follows are decode steps
-                    requests.post(base + "/start_profile", json={"max_iterations": PROFILE_STEPS},
-                                  timeout=120).raise_for_status()
-                    time.sleep(2)  # PROFILE_STEPS steps are ~0.1 s; stop while the request still runs
-                    requests.post(base + "/stop_profile", timeout=600).raise_for_status()
-                    break  # closing the stream aborts the request
-    if chunks < 2:
-        raise RuntimeError(f"{impl}: the profiled request streamed {chunks} chunks: nothing was profiled")
-    deadline = time.time() + 300  # the trace is written after the stop returns
+    start = PROFILE_FROM_STEP.get(row, 1)
+    r = requests.post(base + "/start_profile", json={"delay_iterations": start, "max_iterations": PROFILE_STEPS},
+                      timeout=120)
+    if not r.ok:  # a server started without --profiler-config (a kept one keeps its flags)
+        raise SystemExit(f"{impl}: /start_profile answered {r.status_code} {r.text[:200]!r}: start the "
+                         f"server with --profile (stop a kept server first)")
+    try:
+        rerun = bench(base, model_dir, row, out, f"{impl}-profiled", seed=row_seed(row), scale=scale)
+    finally:  # the engine stopped it after PROFILE_STEPS steps unless the row had fewer: then here
+        requests.post(base + "/stop_profile", timeout=600).raise_for_status()
+    deadline = time.time() + 300  # the trace is written after the profiler stops
     while not list(trace_dir.rglob("*.pt.trace.json*")) and time.time() < deadline:
         time.sleep(2)
     time.sleep(5)
     table = kernel_table(trace_dir, PROFILE_STEPS)
-    if not table["launches_per_step"]:  # as on the H200 once: nothing recorded, not a free step
-        table["empty"] = ("the trace holds no events: the request ended before the profiler "
-                          "started, or the profiler wrote nothing")
-        print(f"{impl} decode profile: {table['empty']}", flush=True)
-    (out / f"profile-{impl}.json").write_text(json.dumps(table, indent=1))
-    return {k: table[k] for k in ("us_per_step", "launches_per_step", "gpu_span_us_per_step",
+    table |= {"row": row, "from_step": start, "rerun": {k: rerun.get(k) for k in KEEP}}
+    if not table["launches_per_step"]:
+        table["empty"] = (f"the trace holds no events: the row ran fewer than {start} steps, or the "
+                          "profiler wrote nothing")
+        print(f"{impl} {row} profile: {table['empty']}", flush=True)
+    keep_dir.mkdir(exist_ok=True)
+    for f in trace_dir.rglob("*.pt.trace.json*"):
+        f.rename(keep_dir / f.name)
+    (out / f"profile-{impl}-{row}.json").write_text(json.dumps(table, indent=1))
+    return {k: table[k] for k in ("steps", "us_per_step", "launches_per_step", "gpu_span_us_per_step",
                                   "gpu_busy_fraction", "by_kind_us_per_step", "empty") if k in table}
 
 
 def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, scale: float = 1.0,
-        serve_args: list[str] = SERVE_ARGS, keep: bool = False, profile: bool = False) -> None:
+        serve_args: list[str] = SERVE_ARGS, keep: bool = False, profile: list[str] = ()) -> None:
     """`model_dir`/`scale`/`serve_args` other than the defaults: plumbing checks on a CPU only.
     Rows already in DIR/summary-IMPL.json are kept (a long list can be split over several runs)."""
     from vllm_kimi_linear.tools.builder import build_published_config
@@ -345,7 +346,7 @@ def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, sc
 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = model_dir or build_published_config(out / "published-config")
-    serve_args = list(serve_args) + (profiler_args(out) if profile else [])
+    serve_args = list(serve_args) + (profiler_args(out) if profile else [])  # before a kept server starts
     env = impl_env(impl, VLLM_SERVER_DEV_MODE="1")  # the dev routes: /reset_prefix_cache
     path = out / f"summary-{impl}.json"
     summary = json.loads(path.read_text()) if path.exists() else {"impl": impl, "rows": {}}
@@ -368,9 +369,9 @@ def run(impl: str, out: Path, rows: list[str], model_dir: Path | None = None, sc
             summary["rows"][row] = {k: res.get(k) for k in KEEP}
             print(impl, row, summary["rows"][row], flush=True)
             path.write_text(json.dumps(summary, indent=1))
-        if profile and "decode_profile" not in summary:  # once per DIR (a kept server's later rows skip it)
-            summary["decode_profile"] = profile_decode(base, out, impl, scale)
-            print(impl, "decode profile", summary["decode_profile"], flush=True)
+        for row in profile:
+            summary.setdefault("profiles", {})[row] = profile_row(base, model_dir, out, impl, row, scale)
+            print(impl, row, "profile", summary["profiles"][row], flush=True)
             path.write_text(json.dumps(summary, indent=1))
 
 
@@ -411,8 +412,21 @@ def report(out: Path) -> str:
             ratios[key] = round(a / b if HIGHER_IS_BETTER[figure] else b / a, 3)
             lines.append(f"| {row} | {figure} | {a:,.2f} | {b:,.2f} | **{ratios[key]:.2f}x** |")
     lines.append(f"\nstart-up: plugin {p.get('startup_s')} s, in-tree {t.get('startup_s')} s")
+    for row in sorted(set(p.get("profiles", {})) & set(t.get("profiles", {}))):
+        lines += ["", *profile_lines(row, p["profiles"][row], t["profiles"][row])]
     (out / "ratios.json").write_text(json.dumps(ratios, indent=1))
     return "\n".join(lines)
+
+
+def profile_lines(row: str, a: dict, b: dict) -> list[str]:
+    """Kernel time per profiled step by kind, plugin beside in-tree: where one step is longer."""
+    ka, kb = a.get("by_kind_us_per_step", {}), b.get("by_kind_us_per_step", {})
+    kinds = sorted(set(ka) | set(kb), key=lambda k: -max(ka.get(k, 0.0), kb.get(k, 0.0)))
+    lines = [f"| {row}: profiled steps, kernel us a step | plugin | in-tree | plugin - in-tree |", "|---|---|---|---|"]
+    for k in [*kinds, None]:
+        x, y = (d.get(k, 0.0) for d in (ka, kb)) if k else (a.get("us_per_step", 0.0), b.get("us_per_step", 0.0))
+        lines.append(f"| {k or 'all kernels'} | {x:,.1f} | {y:,.1f} | {x - y:+,.1f} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model-dir", type=Path, help="(plumbing checks) serve this checkpoint instead")
     r.add_argument("--scale", type=float, default=1.0, help="(plumbing checks) x prompt lengths")
     r.add_argument("--serve-args", default=None, help="(plumbing checks) replace the serve flags")
-    r.add_argument("--profile-decode", action="store_true",
-                   help=f"serve with vLLM's torch profiler and record {PROFILE_STEPS} decode steps after the rows")
+    r.add_argument("--profile", default="", metavar="ROWS",
+                   help=f"serve with vLLM's torch profiler and, after the rows, rerun each of these "
+                        f"(comma list) recording {PROFILE_STEPS} of its steps")
     r.add_argument("--keep-server", action="store_true",
                    help="leave the server running for a later run of the same implementation and DIR")
     rep = sub.add_parser("report")
@@ -436,16 +451,20 @@ def main(argv: list[str] | None = None) -> int:
         print(report(a.out))
         return 0
     rows = [x for x in a.rows.split(",") if x]
-    unknown = set(rows) - set(ROWS)
+    profiled = [x for x in a.profile.split(",") if x]
+    unknown = set(rows + profiled) - set(ROWS)
     if unknown:
         ap.error(f"unknown rows {sorted(unknown)}: choose from {list(ROWS)}")
+    if set(profiled) & set(SAME_PROMPTS):
+        ap.error(f"rows {sorted(set(profiled) & set(SAME_PROMPTS))} decode from a prompt another row "
+                 "cached: a rerun after the rows would not find it; profile other rows")
     for row, source in SAME_PROMPTS.items():  # its source row leaves the prompt in the prefix cache
         if row in rows and (rows.index(row) == 0 or rows[rows.index(row) - 1] != source):
             ap.error(f"row {row} decodes from the prefix cache row {source} leaves: "
                      f"list it right after {source} (--rows ...,{source},{row})")
     run(a.impl, a.out, rows, a.model_dir, a.scale,
         a.serve_args.split() if a.serve_args is not None else SERVE_ARGS,
-        keep=a.keep_server, profile=a.profile_decode)
+        keep=a.keep_server, profile=profiled)
     return 0
 
 

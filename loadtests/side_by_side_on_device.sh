@@ -2,7 +2,8 @@
 # loadtests/side_by_side.py on the lent H200, after ../shared/gpu-vllm/README.md's install step.
 #   loadtests/side_by_side_on_device.sh IMPL [ROWS] [more `side_by_side run` flags...]
 # IMPL: plugin or intree; ROWS: a comma list of side_by_side.ROWS ("" or all: every row).
-# Flags: --profile-decode (a kernel table of 32 decode steps after the rows), --keep-server (the
+# Flags: --profile ROWS (after the rows, each of ROWS again with 32 of its steps profiled: a kernel
+# table per row; the server must start with it), --keep-server (the
 # server stays up for the next call of the same IMPL, which then starts no other: e.g. the rows
 # in one call and the 1M row in the next, each inside a call's 10 minutes).
 # The device returns at most 8 files from $OUT, so the run writes under /tmp/sbs and $OUT gets the
@@ -31,13 +32,16 @@ echo "side_by_side exit $rc after $(( $(date +%s) - start )) s" | tee -a "$out/s
 # how big the compile caches a start-up fills are (a fresh machine's first start pays ~100 s more
 # than a warm one's): whether carrying them to the next machine would fit a device transfer
 du -sh ~/.cache/vllm ~/.triton/cache ~/.cache/flashinfer 2>/dev/null | sed 's/^/compile cache: /' | tee -a "$out/sbs-$impl.log"
-cp /tmp/sbs/summary-"$impl".json /tmp/sbs/profile-"$impl".json "$out/" 2>/dev/null
+cp /tmp/sbs/summary-"$impl".json "$out/" 2>/dev/null
 cp /tmp/sbs/server-"$impl".log "$out/" 2>/dev/null
-# the decode profile's raw traces too (host gaps, per-step timelines), where they fit a returned file
-if [ -d /tmp/sbs/profile ]; then
-  tar czf "$out/profile-$impl-traces.tgz" -C /tmp/sbs profile 2>/dev/null
-  [ "$(stat -c %s "$out/profile-$impl-traces.tgz" 2>/dev/null || echo 0)" -lt 15000000 ] || rm -f "$out/profile-$impl-traces.tgz"
+# the profiles' kernel tables and raw traces (host gaps, per-step timelines), where they fit a returned file
+traces=$(cd /tmp/sbs && ls -d traces-* profile-"$impl"-*.json 2>/dev/null)
+if [ -n "$traces" ]; then
+  tar czf "$out/profile-$impl.tgz" -C /tmp/sbs $traces 2>/dev/null
+  [ "$(stat -c %s "$out/profile-$impl.tgz" 2>/dev/null || echo 0)" -lt 15000000 ] || \
+    tar czf "$out/profile-$impl.tgz" -C /tmp/sbs $(cd /tmp/sbs && ls profile-"$impl"-*.json)  # the tables alone
 fi
-tar czf "$out/bench-$impl.tgz" -C /tmp/sbs --exclude published-config --exclude profile --exclude 'server-*' . 2>/dev/null
+tar czf "$out/bench-$impl.tgz" -C /tmp/sbs --exclude published-config --exclude profile --exclude 'traces-*' \
+  --exclude 'server-*' . 2>/dev/null
 case " $* " in *" --keep-server "*) [ "$rc" = 0 ] || stop_servers ;; *) stop_servers ;; esac
 exit $rc

@@ -189,6 +189,18 @@ def test_side_by_side_report_and_kernel_table(tmp_path):
                                                           for f in ("output_throughput", "server_tpot_ms")}
     assert set(ratios.values()) == {1.25}
     assert "| decode-32k-c16 | output_throughput | None | None | not measured |" in table
+    # profiled steps by kind, when both sides profiled the row
+    for impl, kinds in (("plugin", {"moe": 900.0, "kda/conv": 300.0}), ("intree", {"moe": 1000.0, "attention": 50.0})):
+        summary = json.loads((tmp_path / f"summary-{impl}.json").read_text())
+        summary["profiles"] = {"decode-32k-c64": {"us_per_step": sum(kinds.values()), "by_kind_us_per_step": kinds}}
+        (tmp_path / f"summary-{impl}.json").write_text(json.dumps(summary))
+    profiled = sbs.report(tmp_path).split("| decode-32k-c64: profiled steps")[1].splitlines()
+    assert profiled[2:] == ["| moe | 900.0 | 1,000.0 | -100.0 |", "| kda/conv | 300.0 | 0.0 | +300.0 |",
+                            "| attention | 0.0 | 50.0 | -50.0 |", "| all kernels | 1,200.0 | 1,050.0 | +150.0 |"]
+    for impl in ("plugin", "intree"):  # the rest of this test compares without them
+        summary = json.loads((tmp_path / f"summary-{impl}.json").read_text())
+        del summary["profiles"]
+        (tmp_path / f"summary-{impl}.json").write_text(json.dumps(summary))
     # the profiler's flags do not count (idle until the profile after the rows): one side profiled
     plugin = json.loads((tmp_path / "summary-plugin.json").read_text())
     plugin["serve_args"] = sbs.SERVE_ARGS + sbs.profiler_args(tmp_path)
@@ -295,6 +307,13 @@ def test_side_by_side_same_prompts_row_must_follow_its_source(tmp_path, capsys):
         with pytest.raises(SystemExit):
             sbs.main(["run", "--impl", "plugin", "--out", str(tmp_path), "--rows", rows])
         assert "list it right after 1m (--rows ...,1m,1m-decode)" in capsys.readouterr().err
+    # a profiled rerun comes after every row, when another row's cached prompt is gone
+    with pytest.raises(SystemExit):
+        sbs.main(["run", "--impl", "plugin", "--out", str(tmp_path), "--rows", "1m,1m-decode", "--profile", "1m-decode"])
+    assert "rows ['1m-decode'] decode from a prompt another row cached" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sbs.main(["run", "--impl", "plugin", "--out", str(tmp_path), "--profile", "decode-32k-c65"])
+    assert "unknown rows ['decode-32k-c65']" in capsys.readouterr().err
 
 
 def test_a_run_ended_by_sigterm_stops_its_servers(tmp_path):
@@ -430,14 +449,24 @@ def test_plots_write_pngs(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+def sbs_dir(tmp_path_factory):
+    """The side-by-side's DIR for rows against `server`: its profiler writes under DIR/profile."""
+    return tmp_path_factory.mktemp("sbs")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory, sbs_dir):
+    from loadtests.side_by_side import profiler_args
+
     pytest.importorskip("openai")
     port = free_port()
-    # dev mode: the /reset_prefix_cache route the side-by-side rows call
+    # dev mode: the /reset_prefix_cache route the side-by-side rows call; the profiler configured
+    # as `side_by_side run --profile` does (idle until a profiled rerun arms it)
     env = server_env(KIMI_MODEL=str(tiny_model), KIMI_PORT=str(port), VLLM_CPU_KVCACHE_SPACE="2",
                      VLLM_SERVER_DEV_MODE="1")
     base = f"http://127.0.0.1:{port}"
-    cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED, "--max-model-len", str(MAX_LEN)]
+    cmd = [str(ROOT / "deploy" / "serve-cpu.sh"), "--served-model-name", SERVED, "--max-model-len", str(MAX_LEN),
+           *profiler_args(sbs_dir)]
     with running_process(cmd, env, tmp_path_factory.mktemp("log") / "server.log", timeout=1200,
                         ready=lambda: requests.get(f"{base}/v1/models", timeout=2).status_code == 200):
         yield f"{base}/v1"
@@ -551,6 +580,32 @@ def test_side_by_side_rows_through_vllm_bench_serve_in_process(server, tmp_path,
     for row in (first, second):  # the server times a request from its arrival, the client from its send
         assert 0 < row["server_ttft_ms"] <= row["mean_ttft_ms"] + 1
         assert 0 < row["server_prefill_ms"] <= row["server_e2e_ms"] <= row["duration"] * 1000 + 1
+
+
+def test_side_by_side_profiled_rerun_records_the_steps_asked(server, sbs_dir, tiny_model, monkeypatch):
+    """A profiled rerun arms vLLM's profiler before the row (/start_profile with delay_iterations
+    and max_iterations): the engine starts it at the row's PROFILE_FROM_STEP-th step and stops it
+    PROFILE_STEPS steps later, so nothing on this side races the requests. On this CPU the table is
+    of CPU ops, per recorded step; the traces move beside it and the rerun's figures stay apart
+    from the summary's rows."""
+    from loadtests import side_by_side as sbs
+
+    monkeypatch.setattr(sbs, "SERVED", SERVED)
+    monkeypatch.setitem(sbs.ROWS, "probe-mixed", (600, 24, 3, 3, ("output_throughput",)))  # ~25 steps
+    monkeypatch.setitem(sbs.PROFILE_FROM_STEP, "probe-mixed", 4)
+    monkeypatch.setattr(sbs, "PROFILE_STEPS", 3)
+    base = server.removesuffix("/v1")
+    got = sbs.profile_row(base, tiny_model, sbs_dir, "plugin", "probe-mixed")
+    table = json.loads((sbs_dir / "profile-plugin-probe-mixed.json").read_text())
+    assert "empty" not in got and got["steps"] == 3 and got["launches_per_step"] > 0, got
+    assert (table["row"], table["from_step"], table["category"]) == ("probe-mixed", 4, "cpu_op")
+    assert table["rerun"]["completed"] == 3 and table["rerun"]["spec"] == [600, 24, 3, 3]
+    # the window is the 3 steps asked, not the row's ~25: each step runs every MLA layer once
+    mla_layers = len(json.loads((tiny_model / "config.json").read_text())["linear_attn_config"]["full_attn_layers"])
+    mla = [t for t in table["top"] if t["name"] == "vllm::unified_mla_attention_with_output"]
+    assert mla and mla[0]["calls_per_step"] == mla_layers, table["top"][:8]
+    assert list((sbs_dir / "traces-probe-mixed").glob("*.pt.trace.json*"))
+    assert not list((sbs_dir / "profile").rglob("*.pt.trace.json*"))  # moved, for the next profile
 
 
 def test_too_long_for_the_server_is_one_clear_error(server):
