@@ -87,7 +87,8 @@ PROFILE_STEPS = 32
 # the engine step a profiled row's recording starts at (vLLM counts the steps from /start_profile).
 # c1: the first 32K prompt is in by step 5 (chunks of 7,680 tokens), so pure decode; c64: its
 # 2.1M prompt tokens take ~275 steps and the first prompts' 128 tokens run from ~step 6 to ~133,
-# so steps 100-131 each carry a prefill chunk and ~20 requests' decodes
+# so steps 100-131 each carry a 7,680-token prefill chunk and the decodes of the ~23-30 prompts
+# already in
 PROFILE_FROM_STEP = {"decode-32k-c1": 8, "decode-32k-c64": 100}
 KERNEL_KINDS = (  # (kind, name fragments): the first kind whose fragment a kernel's name has
     # fla's and vLLM's KDA kernels by their names; ours (kimi_kda) by their kernel names
